@@ -1,0 +1,549 @@
+"""A Llama 2/3 decoder in plain PyTorch, Hugging Face-format checkpoints in and out, and fast batched sampling.
+
+    python model.py                      # build the tiny preset, sample a few tokens, print shapes
+    from model import Llama
+    model = Llama.from_pretrained("path/to/Llama-3.2-1B")   # config.json + *.safetensors, no pickle
+
+One Block class (RMSNorm -> grouped-query attention with rotary embeddings -> RMSNorm -> SwiGLU MLP), no
+biases, no dropout (RLHF needs the ratio pi/pi_old to be exactly 1 on the first PPO minibatch). The same
+class is the policy (`head="lm"`, logits over the vocabulary) and the reward model / critic (`head="score"`,
+one scalar per token; saved as a LlamaForSequenceClassification checkpoint).
+
+Batches are left-padded prompts (then right-padded responses): position ids are cumsum(mask) - 1, so a
+padded row gives the same logits as the same row unpadded.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096  # hidden size (HF hidden_size)
+    n_layers: int = 32  # transformer blocks (HF num_hidden_layers)
+    n_heads: int = 32  # query heads
+    n_kv_heads: int = 8  # key/value heads; < n_heads is grouped-query attention
+    vocab_size: int = 128256
+    hidden_dim: int = 14336  # SwiGLU inner size (HF intermediate_size)
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_theta: float = 500000.0  # rotary base
+    rope_scaling: dict | None = None  # Llama-3.1/3.2 {"rope_type": "llama3", "factor", "low_freq_factor", ...}
+    max_seq_len: int = 8192  # HF max_position_embeddings (only checked, the rotary table is computed on the fly)
+    tie_embeddings: bool = False  # output projection shares the input embedding matrix
+    head: str = "lm"  # "lm": next-token logits; "score": one scalar per token (reward model, critic)
+    bos_token_id: int | None = None  # carried into config.json for the tools that read it
+    eos_token_id: int | list | None = None
+    pad_token_id: int | None = None
+    score_mean: float | None = None  # reward model only: score mean/std on held-out data, for PPO's normalisation
+    score_std: float | None = None
+
+    def __post_init__(self):
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+        if self.head not in ("lm", "score"):
+            raise ValueError(f"head must be 'lm' or 'score', got {self.head!r}")
+        if self.head == "score" and self.tie_embeddings:
+            raise ValueError("a score head cannot be tied to the embeddings")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ModelArgs":
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    # HF config.json <-> ModelArgs, written out so nothing is renamed by magic.
+    @classmethod
+    def from_hf_config(cls, cfg: dict, path: str = "config.json") -> "ModelArgs":
+        arch = (cfg.get("architectures") or ["LlamaForCausalLM"])[0]
+        if cfg.get("model_type", "llama") != "llama" or arch not in HF_ARCHITECTURES.values():
+            raise ValueError(f"{path}: model_type {cfg.get('model_type')!r} / architecture {arch!r} is not a Llama")
+        for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+            if cfg.get(key, want) != want:
+                raise ValueError(f"{path}: field '{key}' is {cfg[key]!r}; this implementation supports {want!r}")
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
+            if key not in cfg:
+                raise ValueError(f"{path}: missing field '{key}'")
+        args = cls(
+            dim=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=cfg["num_attention_heads"],
+            n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+            vocab_size=cfg["vocab_size"],
+            hidden_dim=cfg["intermediate_size"],
+            norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            rope_theta=cfg.get("rope_theta", 10000.0),
+            rope_scaling=cfg.get("rope_scaling"),
+            max_seq_len=cfg.get("max_position_embeddings", 2048),
+            tie_embeddings=cfg.get("tie_word_embeddings", False),
+            head="score" if arch == HF_ARCHITECTURES["score"] else "lm",
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=cfg.get("eos_token_id"),
+            pad_token_id=cfg.get("pad_token_id"),
+            score_mean=cfg.get("rto_score_mean"),
+            score_std=cfg.get("rto_score_std"),
+        )
+        if cfg.get("head_dim") not in (None, args.head_dim):
+            raise ValueError(f"{path}: field 'head_dim' is {cfg['head_dim']}, expected hidden_size/heads = {args.head_dim}")
+        if args.head == "score" and cfg.get("num_labels", len(cfg.get("id2label", {0: 0}))) != 1:
+            raise ValueError(f"{path}: a reward model must have num_labels 1")
+        if args.rope_scaling is not None:
+            kind = args.rope_scaling.get("rope_type", args.rope_scaling.get("type"))
+            if kind not in ("llama3", "default"):
+                raise ValueError(f"{path}: field 'rope_scaling' has rope_type {kind!r}; only 'llama3' is supported")
+        return args
+
+    def to_hf_config(self) -> dict:
+        cfg = {
+            "architectures": [HF_ARCHITECTURES[self.head]],
+            "model_type": "llama",
+            "hidden_size": self.dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+            "intermediate_size": self.hidden_dim,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "max_position_embeddings": self.max_seq_len,
+            "tie_word_embeddings": self.tie_embeddings,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+        }
+        if self.head == "score":
+            cfg["num_labels"] = 1
+            cfg["rto_score_mean"], cfg["rto_score_std"] = self.score_mean, self.score_std
+        return cfg
+
+
+HF_ARCHITECTURES = {"lm": "LlamaForCausalLM", "score": "LlamaForSequenceClassification"}
+
+PRESETS = {
+    # a few-hundred-KB model for unit tests and CPU demos
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=176, rope_theta=10000.0,
+                 max_seq_len=512),
+    # the ~12M-parameter config bench.py compares against the HF implementation
+    "bench12m": dict(dim=384, n_layers=6, n_heads=6, n_kv_heads=2, vocab_size=4096, hidden_dim=1024,
+                     rope_theta=10000.0, max_seq_len=1024),
+    "llama3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=8192,
+                        rope_theta=500000.0, max_seq_len=131072, tie_embeddings=True,
+                        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "llama3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=14336,
+                      rope_theta=500000.0, max_seq_len=8192),
+}
+
+# Our parameter name -> the Hugging Face name ("{}" is the layer index). Loading is strict against this map.
+HF_NAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "layers.{}.attention_norm.weight": "model.layers.{}.input_layernorm.weight",
+    "layers.{}.attention.wq.weight": "model.layers.{}.self_attn.q_proj.weight",
+    "layers.{}.attention.wk.weight": "model.layers.{}.self_attn.k_proj.weight",
+    "layers.{}.attention.wv.weight": "model.layers.{}.self_attn.v_proj.weight",
+    "layers.{}.attention.wo.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "layers.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "layers.{}.feed_forward.w1.weight": "model.layers.{}.mlp.gate_proj.weight",
+    "layers.{}.feed_forward.w2.weight": "model.layers.{}.mlp.down_proj.weight",
+    "layers.{}.feed_forward.w3.weight": "model.layers.{}.mlp.up_proj.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "score.weight": "score.weight",
+}
+
+
+def hf_name(name: str) -> str:
+    """Our state-dict key -> the HF key, e.g. 'layers.3.attention.wq.weight' -> 'model.layers.3.self_attn.q_proj.weight'."""
+    parts = name.split(".")
+    if parts[0] == "layers":
+        return HF_NAMES[".".join(["layers", "{}"] + parts[2:])].format(parts[1])
+    return HF_NAMES[name]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rotary embeddings (real-valued cos/sin, HF's rotate-half layout so HF checkpoints load without permuting)
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """(head_dim/2,) inverse frequencies, with the Llama-3.1 "llama3" long-context rescaling when configured."""
+    hd = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    sc = args.rope_scaling
+    if sc is None or sc.get("rope_type", sc.get("type")) == "default":
+        return inv_freq.float()
+    # Llama 3.1 (Meta's reference `apply_scaling`): low frequencies are divided by `factor`, high ones kept,
+    # the band in between interpolated smoothly in wavelength.
+    factor, low, high = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+    old_len = sc["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - low) / (high - low)
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+    return torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled).float()
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """positions (B, T) -> cos, sin (B, 1, T, head_dim), computed in fp32 then cast."""
+    freqs = positions[..., None].float() * inv_freq  # (B, T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The network
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 (as HF and Meta do), scale in the input dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, kv=None, start=0):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:  # write this step's keys/values into the preallocated cache, attend over all so far
+            k_cache, v_cache = kv
+            k_cache[:, :, start:start + T] = k
+            v_cache[:, :, start:start + T] = v
+            k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]
+        # GQA without materialising repeated K/V: SDPA broadcasts each KV head over its group of query heads
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)  # down
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x, cos, sin, mask, kv=None, start=0):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, kv, start)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class KVCache:
+    """Preallocated keys/values for `max_len` positions, plus which cached positions are real tokens.
+
+    `length` columns are filled; `n_real[b]` counts row b's real tokens so far (= the next position id).
+    """
+
+    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, device, dtype):
+        shape = (batch_size, args.n_kv_heads, max_len, args.head_dim)
+        self.kv = [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+                   for _ in range(args.n_layers)]
+        self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.n_real = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.length = 0
+
+
+class Llama(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        if args.head == "lm":
+            self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+            if args.tie_embeddings:
+                self.output.weight = self.tok_embeddings.weight
+        else:
+            self.score = nn.Linear(args.dim, 1, bias=False)
+        self.grad_checkpointing = False  # recompute each block in backward (train.py's --activation_checkpointing)
+        self._inv_freq = {}  # device -> rotary inverse frequencies (not a buffer: survives meta init and FSDP)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m):
+        if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.device.type != "meta":
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def inv_freq(self, device) -> torch.Tensor:
+        if device not in self._inv_freq:
+            self._inv_freq[device] = rope_inv_freq(self.args).to(device)
+        return self._inv_freq[device]
+
+    def forward(self, input_ids, attention_mask=None, *, cache: KVCache | None = None, return_hidden=False):
+        """input_ids (B, T), attention_mask (B, T) with 1 on real tokens (left padding for prompts).
+
+        Returns logits (B, T, vocab) for head="lm", values (B, T) for head="score"; with return_hidden, also
+        the final-norm hidden states (B, T, dim). With a cache, the T tokens are appended after the cached ones.
+        """
+        B, T = input_ids.shape
+        device = input_ids.device
+        real = torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+        start = 0 if cache is None else cache.length
+        # position = number of real tokens before this one: padded rows see the same positions as unpadded ones
+        positions = (real.cumsum(-1) - 1).clamp(min=0)
+        if cache is not None:
+            positions = positions + cache.n_real[:, None]
+            cache.key_mask[:, start:start + T] = real
+            cache.n_real += real.sum(-1)
+            cache.length += T
+        mask = None  # plain causal attention when nothing is padded and nothing is cached
+        if cache is not None or attention_mask is not None:
+            keys_real = real if cache is None else cache.key_mask[:, :start + T]
+            q_pos = torch.arange(start, start + T, device=device)[:, None]
+            k_pos = torch.arange(start + T, device=device)[None, :]
+            # (B, 1, T, S): causal and key is real; a padded query may always see itself so no row is empty
+            # (an all-False row makes SDPA return NaN, which would then leak into the gradients as NaN * 0)
+            mask = ((k_pos <= q_pos) & keys_real[:, None, None, :]) | (k_pos == q_pos)
+        h = self.tok_embeddings(input_ids)
+        cos, sin = rope_cos_sin(self.inv_freq(device), positions, h.dtype)
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else cache.kv[i]
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(layer, h, cos, sin, mask, kv, start, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, kv, start)
+        h = self.norm(h)
+        out = self.output(h) if self.args.head == "lm" else self.score(h).squeeze(-1)
+        return (out, h) if return_hidden else out
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------------------------------------------
+    # Hugging Face format: config.json + model.safetensors (or shards + model.safetensors.index.json)
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        sd = {}
+        for name, t in self.state_dict().items():
+            if name == "output.weight" and self.args.tie_embeddings:
+                continue  # tied: HF stores only the embedding
+            sd[hf_name(name)] = t
+        return sd
+
+    def save_pretrained(self, path, max_shard_bytes: int = 2 * 1024**3, extra_files: dict[str, str] | None = None):
+        """Write an HF-format checkpoint atomically: into a temporary sibling directory, then renamed."""
+        save_hf_checkpoint(self.hf_state_dict(), self.args.to_hf_config(), path, max_shard_bytes, extra_files)
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype: torch.dtype | None = None) -> "Llama":
+        path = Path(path)
+        cfg_path = path / "config.json"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{cfg_path}: not found (expected a Hugging Face checkpoint directory)")
+        args = ModelArgs.from_hf_config(json.loads(cfg_path.read_text()), str(cfg_path))
+        tensors = load_safetensors_dir(path)
+        with torch.device("meta"):
+            model = cls(args)
+        expected = {hf_name(n): p for n, p in model.state_dict().items()
+                    if not (n == "output.weight" and args.tie_embeddings)}
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise KeyError(f"{path}: checkpoint does not match config.json: missing tensors {missing[:8]}"
+                           f"{' ...' if len(missing) > 8 else ''}, unexpected tensors {unexpected[:8]}"
+                           f"{' ...' if len(unexpected) > 8 else ''}")
+        for name, p in expected.items():
+            if tuple(tensors[name].shape) != tuple(p.shape):
+                raise ValueError(f"{path}: tensor '{name}' has shape {tuple(tensors[name].shape)}, "
+                                 f"config.json implies {tuple(p.shape)}")
+        ours = {n: tensors[hf_name(n)] for n in model.state_dict()
+                if not (n == "output.weight" and args.tie_embeddings)}
+        ours = {n: t.to(device=device, dtype=dtype or t.dtype) for n, t in ours.items()}
+        model.load_state_dict(ours, strict=not args.tie_embeddings, assign=True)
+        if args.tie_embeddings:  # assign=True replaced the Parameter objects: tie them again
+            model.output.weight = model.tok_embeddings.weight
+        return model
+
+
+def load_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of model.safetensors, or of the shards named by model.safetensors.index.json."""
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        tensors = {}
+        for shard in sorted(set(weight_map.values())):
+            part = load_file(path / shard)
+            stray = sorted(set(part) - {k for k, v in weight_map.items() if v == shard})
+            if stray:
+                raise KeyError(f"{path / shard}: tensors {stray[:8]} are not listed for this shard in {index}")
+            tensors.update(part)
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise KeyError(f"{index}: lists tensors {missing[:8]} that no shard contains")
+        return tensors
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
+    return load_file(single)
+
+
+def save_hf_checkpoint(sd: dict, config: dict, path, max_shard_bytes: int, extra_files: dict | None = None):
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    # split into shards of at most max_shard_bytes (a single tensor larger than that gets its own shard)
+    shards, size = [[]], 0
+    for name in sorted(sd):
+        nbytes = sd[name].numel() * sd[name].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    dtype = str(next(iter(sd.values())).dtype).removeprefix("torch.")
+    (tmp / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype}, indent=2) + "\n")
+    if len(shards) == 1:
+        save_file({n: sd[n].detach().contiguous().cpu() for n in shards[0]}, tmp / "model.safetensors",
+                  metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, names in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file({n: sd[n].detach().contiguous().cpu() for n in names}, tmp / fname, metadata={"format": "pt"})
+            weight_map.update({n: fname for n in names})
+        total = sum(t.numel() * t.element_size() for t in sd.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
+    replace_dir(tmp, path)
+
+
+def replace_dir(tmp: Path, path: Path):
+    """Swap a fully written directory into place; until the final rename the old one stays intact."""
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def sample_next(logits, temperature: float, top_k: int, top_p: float, generator=None):
+    """logits (B, V) -> next token ids (B,). temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        # keep the smallest set of tokens whose probability reaches top_p (the most likely one always survives)
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: Llama, prompt_ids, prompt_mask, max_new_tokens: int, *, eos_id: int, pad_id: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator=None):
+    """Batched sampling with a preallocated KV cache.
+
+    prompt_ids, prompt_mask (B, P): left-padded prompts (the last column is real for every row).
+    Returns (tokens (B, N), mask (B, N) bool) with N <= max_new_tokens: a row's tokens up to and including its
+    EOS are real; everything after is pad_id with mask False. Rows that never emit EOS are cut at N.
+    """
+    B, P = prompt_ids.shape
+    if not bool(prompt_mask[:, -1].all()):
+        raise ValueError("prompts must be left-padded: the last column must be a real token in every row")
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(model.args, B, P + max_new_tokens, prompt_ids.device, dtype)
+    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=prompt_ids.device)
+    done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
+    logits = model(prompt_ids, prompt_mask, cache=cache)[:, -1]
+    n = 0
+    for n in range(1, max_new_tokens + 1):
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        nxt = nxt.masked_fill(done, pad_id)
+        tokens[:, n - 1] = nxt
+        real = ~done
+        done = done | (nxt == eos_id)
+        if n == max_new_tokens or bool(done.all()):
+            break
+        # finished rows feed a masked pad: their keys are never attended, their outputs ignored
+        logits = model(nxt[:, None], real[:, None].long(), cache=cache)[:, -1]
+    tokens = tokens[:, :n]
+    # real = up to and including the first EOS
+    is_eos = (tokens == eos_id).long()
+    mask = (is_eos.cumsum(-1) - is_eos) == 0
+    return tokens, mask
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    model = Llama(ModelArgs.preset("tiny"))
+    print(f"tiny preset: {model.num_params():,} parameters")
+    ids = torch.randint(3, 512, (2, 5))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    toks, tmask = generate(model, ids, mask, 8, eos_id=1, pad_id=0, temperature=1.0)
+    print("logits", tuple(model(ids, mask).shape), "generated", tuple(toks.shape), tmask.sum(-1).tolist())
