@@ -83,6 +83,10 @@ class ModelArgs:
         for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
             if key not in cfg:
                 raise ValueError(f"{path}: missing field '{key}'")
+        # transformers >= 5 writes one "rope_parameters" dict instead of rope_theta + rope_scaling
+        rope = dict(cfg.get("rope_parameters") or {})
+        rope_theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope_scaling = (rope or None) if "rope_parameters" in cfg else cfg.get("rope_scaling")
         args = cls(
             dim=cfg["hidden_size"],
             n_layers=cfg["num_hidden_layers"],
@@ -91,8 +95,8 @@ class ModelArgs:
             vocab_size=cfg["vocab_size"],
             hidden_dim=cfg["intermediate_size"],
             norm_eps=cfg.get("rms_norm_eps", 1e-5),
-            rope_theta=cfg.get("rope_theta", 10000.0),
-            rope_scaling=cfg.get("rope_scaling"),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
             max_seq_len=cfg.get("max_position_embeddings", 2048),
             tie_embeddings=cfg.get("tie_word_embeddings", False),
             head="score" if arch == HF_ARCHITECTURES["score"] else "lm",

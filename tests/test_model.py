@@ -247,3 +247,19 @@ def test_activation_checkpointing_same_gradients():
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def test_transformers5_rope_parameters_config(tmp_path):
+    """transformers >= 5 writes rope_parameters instead of rope_theta/rope_scaling: same model, same logits."""
+    src = FIXTURES / "llama_gqa"
+    shutil.copytree(src, tmp_path / "v5")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["rope_parameters"] = {**cfg.pop("rope_scaling"), "rope_theta": cfg.pop("rope_theta")}
+    (tmp_path / "v5" / "config.json").write_text(json.dumps(cfg))
+    ref = load_file(src / "reference.safetensors")
+    model = Llama.from_pretrained(tmp_path / "v5").eval()
+    assert model.args.rope_theta == 500000.0 and model.args.rope_scaling["factor"] == 8.0
+    with torch.no_grad():
+        logits = model(ref["input_ids"], ref["attention_mask"])
+    real = ref["attention_mask"].bool()
+    torch.testing.assert_close(logits[real], ref["logits"][real], atol=1e-4, rtol=0)

@@ -1,0 +1,464 @@
+"""Data for every stage: JSONL readers, the tokenizer wrapper, batch collation, and a synthetic task.
+
+    rows = read_sft("sft.jsonl")              # list[SFTRow]
+    tok = Tokenizer.from_dir("base_model/")   # reads base_model/tokenizer.json
+    p = tok.encode_prompt(rows[0].prompt, max_len=512)
+    r = tok.encode_response(rows[0].response, max_len=512)
+    batch = collate([p], [r], tok.pad_id)     # prompts left-padded, responses right-padded
+
+Every stage uses one batch layout: prompts LEFT-padded to a common width P, responses RIGHT-padded
+to width R, concatenated into (B, P+R). Left padding puts every prompt's last token in column P-1,
+so generation starts in the same column for every row, and the response token in column P+j is
+predicted by the logits in column P+j-1.
+
+WordTask is the built-in demo: a toy "write words about a topic" task whose true reward is a known
+sum of per-word scores, so SFT -> DPO -> RM -> PPO can be judged against the true per-token reward.
+"""
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import tokenizers
+import torch
+
+# -----------------------------------------------------------------------------
+# JSONL readers
+
+Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """A bad data file, with the place: "{path}:{lineno}: key '{key}': {what}"."""
+
+
+@dataclass
+class SFTRow:
+    prompt: list[Message]
+    response: str
+
+
+@dataclass
+class PrefRow:
+    prompt: list[Message]
+    chosen: str
+    rejected: str
+
+
+@dataclass
+class PromptRow:
+    prompt: list[Message]
+
+
+def _err(path, lineno, key, what):
+    where = f"{path}:{lineno}: key '{key}'" if key is not None else f"{path}:{lineno}"
+    return DataError(f"{where}: {what}")
+
+
+def _lines(path):
+    """Yield (lineno, obj) for each non-blank line of a JSONL file; lineno is 1-based."""
+    n_rows = 0
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise _err(path, lineno, None, f"invalid JSON: {e}") from None
+            if not isinstance(obj, dict):
+                raise _err(path, lineno, None, f"expected a JSON object, got {type(obj).__name__}")
+            n_rows += 1
+            yield lineno, obj
+    if n_rows == 0:
+        raise DataError(f"{path}: no rows (the file is empty)")
+
+
+def _get(obj, key, path, lineno):
+    if key not in obj:
+        raise _err(path, lineno, key, "missing")
+    return obj[key]
+
+
+def _text(x, key, path, lineno):
+    """A non-blank string."""
+    if not isinstance(x, str):
+        raise _err(path, lineno, key, f"expected str, got {type(x).__name__}")
+    if not x.strip():
+        raise _err(path, lineno, key, "empty or whitespace-only")
+    return x
+
+
+def _messages(x, key, path, lineno):
+    """A non-empty list of {"role", "content"} dicts, validated; returns clean copies."""
+    if not isinstance(x, list):
+        raise _err(path, lineno, key, f"expected list of messages, got {type(x).__name__}")
+    if not x:
+        raise _err(path, lineno, key, "empty message list")
+    out = []
+    for i, m in enumerate(x):
+        k = f"{key}[{i}]"
+        if not isinstance(m, dict):
+            raise _err(path, lineno, k, f"expected a message object, got {type(m).__name__}")
+        if "role" not in m:
+            raise _err(path, lineno, k + ".role", "missing")
+        role = m["role"]
+        if role not in ROLES:
+            raise _err(path, lineno, k + ".role", f"unknown role {role!r}, expected one of {ROLES}")
+        if "content" not in m:
+            raise _err(path, lineno, k + ".content", "missing")
+        out.append({"role": role, "content": _text(m["content"], k + ".content", path, lineno)})
+    return out
+
+
+def _prompt(x, key, path, lineno):
+    """A prompt: a string (-> one user message) or a message list not ending with the assistant."""
+    if isinstance(x, str):
+        return [{"role": "user", "content": _text(x, key, path, lineno)}]
+    if not isinstance(x, list):
+        raise _err(path, lineno, key, f"expected str or list of messages, got {type(x).__name__}")
+    msgs = _messages(x, key, path, lineno)
+    # the template appends the assistant cue; a prompt ending in an assistant turn would give two
+    if msgs[-1]["role"] == "assistant":
+        raise _err(path, lineno, key, "last message is 'assistant'; a prompt must end with a user or system turn")
+    return msgs
+
+
+def _split_conversation(x, key, path, lineno):
+    """A conversation ending in the assistant's turn -> (earlier messages, response text)."""
+    msgs = _messages(x, key, path, lineno)
+    if msgs[-1]["role"] != "assistant":
+        raise _err(path, lineno, key, f"last message must be 'assistant', got {msgs[-1]['role']!r}")
+    return msgs[:-1], msgs[-1]["content"]
+
+
+def read_sft(path) -> list[SFTRow]:
+    """{"prompt": str | messages, "response": str}, or {"messages": [..., assistant]}."""
+    rows = []
+    for lineno, obj in _lines(path):
+        if "prompt" not in obj and "messages" in obj:
+            prompt, response = _split_conversation(obj["messages"], "messages", path, lineno)
+            if not prompt:
+                raise _err(path, lineno, "messages", "no messages before the assistant's response")
+            if prompt[-1]["role"] == "assistant":
+                raise _err(path, lineno, "messages", "two assistant turns at the end; "
+                           "the prompt must end with a user or system turn")
+        else:
+            if "prompt" not in obj:
+                raise _err(path, lineno, "prompt", "missing (expected 'prompt' and 'response', or 'messages')")
+            prompt = _prompt(obj["prompt"], "prompt", path, lineno)
+            response = _text(_get(obj, "response", path, lineno), "response", path, lineno)
+        rows.append(SFTRow(prompt, response))
+    return rows
+
+
+def _pref_side(x, key, path, lineno):
+    """chosen / rejected: a string, or a whole conversation ending in the assistant's answer.
+    Returns (earlier messages or None, response text)."""
+    if isinstance(x, str):
+        return None, _text(x, key, path, lineno)
+    if not isinstance(x, list):
+        raise _err(path, lineno, key, f"expected str or list of messages, got {type(x).__name__}")
+    earlier, response = _split_conversation(x, key, path, lineno)
+    return earlier or None, response
+
+
+def read_preferences(path) -> list[PrefRow]:
+    """{"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}.
+
+    Message-list chosen/rejected (UltraFeedback-binarized style) hold the whole conversation; the
+    response is the content of the last message, which must be the assistant's. The prompt rule:
+      1. "prompt" is a message list -> it is the prompt (the lists' earlier messages are ignored).
+      2. "prompt" is a string and `chosen` has messages before its answer -> those messages are the
+         prompt (they carry the system turn / multi-turn history the string drops); `rejected`'s
+         earlier messages, when present, must be the same conversation.
+      3. otherwise -> [{"role": "user", "content": prompt}].
+    """
+    rows = []
+    for lineno, obj in _lines(path):
+        raw_prompt = _get(obj, "prompt", path, lineno)
+        prompt = _prompt(raw_prompt, "prompt", path, lineno)
+        chosen_ctx, chosen = _pref_side(_get(obj, "chosen", path, lineno), "chosen", path, lineno)
+        rejected_ctx, rejected = _pref_side(_get(obj, "rejected", path, lineno), "rejected", path, lineno)
+        if isinstance(raw_prompt, str) and chosen_ctx is not None:
+            if rejected_ctx is not None and rejected_ctx != chosen_ctx:
+                raise _err(path, lineno, "rejected", "earlier messages differ from those of 'chosen'; "
+                           "a pair must share its prompt")
+            prompt = _prompt(chosen_ctx, "chosen", path, lineno)
+        rows.append(PrefRow(prompt, chosen, rejected))
+    return rows
+
+
+def read_prompts(path) -> list[PromptRow]:
+    """{"prompt": str | messages} or {"messages": [...]} (no trailing assistant message)."""
+    rows = []
+    for lineno, obj in _lines(path):
+        key = "prompt" if "prompt" in obj or "messages" not in obj else "messages"
+        rows.append(PromptRow(_prompt(_get(obj, key, path, lineno), key, path, lineno)))
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+CHAT_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
+def _first_id(tk, names):
+    for name in names:
+        i = tk.token_to_id(name)
+        if i is not None:
+            return i
+    return None
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the special ids and the two prompt formats (Llama-3 chat, plain)."""
+
+    def __init__(self, tk: tokenizers.Tokenizer):
+        self.tk = tk
+        self.chat = all(tk.token_to_id(t) is not None for t in CHAT_TOKENS)
+        self.bos_id = _first_id(tk, ["<|begin_of_text|>", "<|bos|>", "<s>"])
+        # a chat model ends its turn with <|eot_id|>; <|end_of_text|> only ends documents
+        eos_names = ["<|eot_id|>"] if self.chat else ["<|end_of_text|>", "<|eos|>", "</s>"]
+        self.eos_id = _first_id(tk, eos_names)
+        if self.bos_id is None:
+            raise ValueError("tokenizer has no BOS token (<|begin_of_text|>, <|bos|> or <s>)")
+        if self.eos_id is None:
+            raise ValueError(f"tokenizer has no EOS token ({' or '.join(eos_names)})")
+        # pad must differ from eos, or the policy never learns to stop and the RM reads the wrong index
+        self.pad_id = _first_id(tk, ["<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "<|reserved_special_token_0|>"])
+        if self.pad_id is None:
+            # the new id is one past the base vocab: the model's embedding must cover it (train.py checks)
+            tk.add_special_tokens(["<|pad|>"])
+            self.pad_id = tk.token_to_id("<|pad|>")
+        assert self.pad_id != self.eos_id, "pad and eos must be different tokens"
+        self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def from_dir(cls, d) -> "Tokenizer":
+        path = Path(d) / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no tokenizer file (expected a HF tokenizers 'tokenizer.json')")
+        return cls(tokenizers.Tokenizer.from_file(str(path)))
+
+    def save(self, d):
+        Path(d).mkdir(parents=True, exist_ok=True)
+        self.tk.save(str(Path(d) / "tokenizer.json"))
+
+    def encode(self, text: str) -> list[int]:
+        """Plain text -> ids, with no BOS/EOS added (add_special_tokens=False skips any post-processor)."""
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special=True) -> str:
+        return self.tk.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+    def encode_prompt(self, messages, max_len: int) -> list[int]:
+        """Messages -> [BOS, ..., generation cue]; when longer than max_len keep BOS and the LAST
+        max_len-1 ids: the most recent turn and the cue the response follows matter most."""
+        assert max_len >= 2, "a prompt needs room for BOS and at least one token"
+        if self.chat:
+            ids = self._chat_ids(messages)
+        else:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+            ids = [self.bos_id] + self.encode(text)
+        if len(ids) > max_len:
+            ids = [ids[0]] + ids[len(ids) - (max_len - 1):]
+        return ids
+
+    def _chat_ids(self, messages):
+        """The Llama-3 template, built piece by piece so each special token is its single id:
+        <|begin_of_text|> (<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>)*
+        <|start_header_id|>assistant<|end_header_id|>\\n\\n
+        The text between special tokens is encoded alone, exactly as the tokenizer's own added-token
+        split would cut the rendered string, so the ids equal encode(rendered template)."""
+        start, end, eot = (self.tk.token_to_id(t) for t in CHAT_TOKENS)
+        ids = [self.bos_id]
+        for m in messages:
+            ids += [start] + self.encode(m["role"]) + [end] + self.encode("\n\n" + m["content"]) + [eot]
+        ids += [start] + self.encode("assistant") + [end] + self.encode("\n\n")
+        return ids
+
+    def encode_response(self, text: str, max_len: int) -> list[int]:
+        """Response -> ids + [EOS], keeping the FIRST max_len ids. A response cut this way has no
+        EOS: a truncated demonstration teaches no stop, and overwriting its last id with EOS would
+        teach a stop the data never made."""
+        assert max_len >= 1
+        # plain format: the prompt ends in "assistant:", the answer follows after one space
+        ids = self.encode(text if self.chat else " " + text) + [self.eos_id]
+        return ids[:max_len]
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Byte-level BPE trained on texts, with special tokens <|bos|>, <|eos|>, <|pad|> (ids 0, 1, 2).
+    Byte level means any text encodes and decodes back exactly (no unknown token)."""
+    tk = tokenizers.Tokenizer(tokenizers.models.BPE())
+    # add_prefix_space=False so encode(text) round-trips without an invented leading space
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen or not
+        show_progress=False,
+    )
+    tk.train_from_iterator(list(texts), trainer=trainer)
+    return Tokenizer(tk)
+
+
+# -----------------------------------------------------------------------------
+# Collation
+
+def _pad(seqs, pad_id, left):
+    """Pad id lists to the longest. Returns ids (B, T) long, mask (B, T) long, 1 on real ids."""
+    T = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        cols = slice(T - len(s), T) if left else slice(0, len(s))
+        ids[i, cols] = torch.tensor(s, dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
+
+
+def pad_left(seqs, pad_id):
+    """Left-pad id lists to the longest P. Returns ids (B, P) long, mask (B, P) long, 1 on real ids."""
+    return _pad(seqs, pad_id, left=True)
+
+
+def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict:
+    """Prompts left-padded to P, responses right-padded to R, side by side.
+    Returns input_ids (B, P+R) long, attention_mask (B, P+R) long (1 on real ids),
+    response_mask (B, R) bool (True on real response ids), prompt_len P.
+    The response id in column P+j is predicted by the logits in column P+j-1."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    p_ids, p_mask = pad_left(prompts, pad_id)
+    r_ids, r_mask = _pad(responses, pad_id, left=False)
+    return {
+        "input_ids": torch.cat([p_ids, r_ids], dim=1),
+        "attention_mask": torch.cat([p_mask, r_mask], dim=1),
+        "response_mask": r_mask.bool(),
+        "prompt_len": p_ids.shape[1],
+    }
+
+
+# -----------------------------------------------------------------------------
+# WordTask: a synthetic task with a known per-token reward
+
+TOPIC_NAMES = ["cats", "ships", "music", "rain", "forest", "bread", "stars", "trains",
+               "gold", "snow", "chess", "bees", "clocks", "rivers", "salt", "kites"]
+WORDS = ["red", "blue", "green", "big", "small", "fast", "slow", "warm", "cold", "soft",
+         "hard", "old", "new", "dark", "light", "loud", "quiet", "sweet", "sour", "sharp",
+         "round", "tall", "short", "wild", "calm", "bright", "dull", "fresh", "dry", "wet",
+         "happy", "sad", "brave", "shy", "proud", "kind", "tiny", "huge", "early", "late",
+         "rich", "poor", "clean", "dirty", "heavy", "empty", "full", "thin", "thick", "deep",
+         "flat", "smooth", "rough", "plain", "fancy", "lucky", "busy", "lazy", "noisy", "golden",
+         "silver", "pink", "gray", "brown"]
+
+
+def _sigmoid(x):
+    # split by sign so exp never overflows
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+@dataclass
+class WordTask:
+    """Prompt "topic <name>"; response: space-separated words. Each word w earns scores[topic, w]
+    and pays length_cost, so the true reward is a sum of per-word terms (the true per-token reward
+    when each word is one token, which the tokenizer trained on corpus() makes sure of)."""
+    seed: int = 0  # seeds the score table
+    n_topics: int = 4  # number of distinct prompts "topic <name>"
+    n_words: int = 48  # response vocabulary size (first n_words of WORDS)
+    min_words: int = 2  # neutral response length range, inclusive
+    max_words: int = 10
+    length_cost: float = 0.5  # gold reward pays this per word, so long rambling is not free
+    unknown_word_score: float = -2.0  # score of a generated word not in the vocabulary
+    topics: list = field(init=False, repr=False)
+    words: list = field(init=False, repr=False)
+    scores: np.ndarray = field(init=False, repr=False)  # (n_topics, n_words) ~ N(0, 1)
+
+    def __post_init__(self):
+        if not 1 <= self.n_topics <= len(TOPIC_NAMES):
+            raise ValueError(f"n_topics must be in [1, {len(TOPIC_NAMES)}], got {self.n_topics}")
+        if not 1 <= self.n_words <= len(WORDS):
+            raise ValueError(f"n_words must be in [1, {len(WORDS)}], got {self.n_words}")
+        if not 1 <= self.min_words <= self.max_words:
+            raise ValueError(f"need 1 <= min_words <= max_words, got {self.min_words}, {self.max_words}")
+        self.topics = TOPIC_NAMES[:self.n_topics]
+        self.words = WORDS[:self.n_words]
+        self._word_index = {w: i for i, w in enumerate(self.words)}
+        self.scores = np.random.default_rng(self.seed).standard_normal((self.n_topics, self.n_words))
+
+    def prompt_text(self, topic: int) -> str:
+        return f"topic {self.topics[topic]}"
+
+    def sample_prompt(self, rng: np.random.Generator) -> str:
+        return self.prompt_text(int(rng.integers(self.n_topics)))
+
+    def sample_response(self, rng: np.random.Generator) -> str:
+        """The neutral distribution: length uniform in [min_words, max_words], words uniform."""
+        n = int(rng.integers(self.min_words, self.max_words + 1))
+        return " ".join(self.words[int(i)] for i in rng.integers(self.n_words, size=n))
+
+    def topic_of(self, prompt) -> int:
+        """Topic index of a prompt: "topic <name>", or a message list whose last message is that."""
+        if isinstance(prompt, list):
+            prompt = prompt[-1]["content"]
+        parts = prompt.split()
+        if len(parts) != 2 or parts[0] != "topic" or parts[1] not in self.topics:
+            raise ValueError(f"not a WordTask prompt: {prompt!r}")
+        return self.topics.index(parts[1])
+
+    def word_rewards(self, prompt, response: str) -> list[float]:
+        """One true reward term per whitespace word: scores[topic, word] - length_cost."""
+        t = self.topic_of(prompt)
+        out = []
+        for w in response.split():
+            i = self._word_index.get(w)
+            score = float(self.scores[t, i]) if i is not None else self.unknown_word_score
+            out.append(score - self.length_cost)
+        return out
+
+    def gold_reward(self, prompt, response: str) -> float:
+        return float(sum(self.word_rewards(prompt, response)))
+
+    def _pair(self, rng):
+        """A preference pair labelled by Bradley-Terry: P(a preferred) = sigmoid(gold(a) - gold(b))."""
+        prompt = self.sample_prompt(rng)
+        a = self.sample_response(rng)
+        b = self.sample_response(rng)
+        while b == a:  # an identical pair carries no preference signal
+            b = self.sample_response(rng)
+        p_a = _sigmoid(self.gold_reward(prompt, a) - self.gold_reward(prompt, b))
+        chosen, rejected = (a, b) if rng.random() < p_a else (b, a)
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+    def write_data(self, out_dir, n_sft: int, n_pref: int, n_prompts: int, n_eval: int, rng_seed) -> dict[str, Path]:
+        """Write sft / prefs / prompts / eval_prefs / eval_prompts .jsonl under out_dir; returns their paths."""
+        rng = np.random.default_rng(rng_seed)
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        rows = {
+            "sft": [{"prompt": self.sample_prompt(rng), "response": self.sample_response(rng)} for _ in range(n_sft)],
+            "prefs": [self._pair(rng) for _ in range(n_pref)],
+            "prompts": [{"prompt": self.sample_prompt(rng)} for _ in range(n_prompts)],
+            "eval_prefs": [self._pair(rng) for _ in range(n_eval)],
+            "eval_prompts": [{"prompt": self.sample_prompt(rng)} for _ in range(n_eval)],
+        }
+        paths = {}
+        for name, objs in rows.items():
+            paths[name] = out_dir / f"{name}.jsonl"
+            with open(paths[name], "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(o) + "\n" for o in objs)
+        return paths
+
+    def corpus(self) -> list[str]:
+        """Texts for the tokenizer: every prompt in the plain format, and every word the way a response
+        holds it (" word"). The corpus is tiny, so a ~512 vocab has room for a merge up to each whole
+        piece: every word becomes one token and per-word rewards are per-token rewards."""
+        prompts = [f"user: {self.prompt_text(t)}\nassistant:" for t in range(self.n_topics)]
+        return prompts + [" " + " ".join(self.words)]
