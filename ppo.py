@@ -1,0 +1,197 @@
+"""PPO math as small pure tensor functions: log-probs, masked statistics, KL, GAE and the two losses.
+
+Every (B, T) tensor here is over response tokens: row b, position t is the t-th generated token
+(or padding). `mask` marks the valid tokens. Nothing in this file knows about models or configs;
+train.py calls these with explicit arguments.
+
+Reference behaviour is the authors' released code (an OpenRLHF 0.4.4 fork); see /work/shared/RTO.md.
+"""
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+def logprobs_from_logits(logits, labels, temperature: float = 1.0):
+    """log pi(label_t | ...) for each position. logits (B, T, V) any float dtype, labels (B, T) long
+    -> (B, T) float32.
+
+    The logits are divided by the sampling temperature: the log-probs must be those of the
+    distribution the tokens were sampled from (RTO.md, "Known traps").
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    out = []
+    # One row at a time: each row is cast to fp32 on its own, so the forward pass holds one fp32
+    # (T, V) row instead of fp32 copies of the whole (B, T, V) batch. Autograd keeps only the fp32
+    # rows logsumexp needs, i.e. one fp32 copy of the batch in total.
+    for row_logits, row_labels in zip(logits, labels):
+        # fp32 log-softmax: in bf16 two passes over the same tokens round differently and the PPO
+        # ratio on the first minibatch is not exactly 1 (RTO.md, "Known traps").
+        x = row_logits.float() / temperature                           # (T, V)
+        label_logits = x.gather(-1, row_labels.unsqueeze(-1)).squeeze(-1)  # (T,)
+        out.append(label_logits - torch.logsumexp(x, dim=-1))          # log_softmax, gathered
+    return torch.stack(out)                                            # (B, T)
+
+
+def entropy_from_logits(logits, temperature: float = 1.0):
+    """Entropy of softmax(logits / temperature) per position. (B, T, V) -> (B, T) float32."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    out = []
+    for row_logits in logits:                  # row by row for the same memory reason as above
+        logp = F.log_softmax(row_logits.float() / temperature, dim=-1)  # (T, V)
+        out.append(-(logp.exp() * logp).sum(-1))
+    return torch.stack(out)
+
+
+# ----------------------------------------------------------------------------- masked statistics
+
+def masked_sum(x, mask, dim=None):
+    """Sum of x over entries where mask is set. mask is bool or 0/1, same shape as x.
+    dim=None sums everything to a scalar. torch.where, not x * mask, so a NaN or inf in padding
+    cannot leak into the sum."""
+    x = torch.where(mask.bool(), x, torch.zeros_like(x))
+    return x.sum() if dim is None else x.sum(dim)
+
+
+def masked_mean(x, mask, dim=None):
+    """Mean of x over the valid entries (all of them when dim=None, else along dim).
+    An empty mask gives NaN on purpose: there is nothing to average, and 0 would hide the bug."""
+    count = mask.bool().sum() if dim is None else mask.bool().sum(dim)
+    return masked_sum(x, mask, dim) / count
+
+
+def seq_mean(x, mask):
+    """The loss reduction of the reference code: token mean within each sequence, then mean over
+    sequences, so every response weighs the same whatever its length (RTO.md). (B, T) -> scalar."""
+    return masked_mean(x, mask, dim=-1).mean()
+
+
+def masked_whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8):
+    """(x - mean) / std over the valid entries of x; padding positions come back as 0.
+
+    If torch.distributed is initialized the mean and variance are those of the valid entries of all
+    ranks together, as the reference code whitens advantages over the whole rollout buffer (RTO.md).
+    Two passes (sum and count for the mean, then the sum of squared deviations) rather than
+    E[x^2] - E[x]^2, which cancels catastrophically when |mean| >> std.
+    The variance is the biased one (divide by N), as in OpenRLHF's normalisation.
+    shift_mean=False adds the mean back after scaling, as TRL's `masked_whiten` does (used for
+    rewards, whose sign should survive whitening). x (B, T) -> (B, T), fp32 (or x's dtype if wider).
+    """
+    mask = mask.bool()
+    x = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in at least fp32
+    distributed = dist.is_available() and dist.is_initialized()
+    sum_count = torch.stack([masked_sum(x, mask), mask.sum().to(x.dtype)])  # all-reduced together
+    if distributed:
+        dist.all_reduce(sum_count)
+    mean = sum_count[0] / sum_count[1]
+    sq_dev = masked_sum((x - mean) ** 2, mask)
+    if distributed:
+        dist.all_reduce(sq_dev)
+    var = sq_dev / sum_count[1]
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask, whitened, torch.zeros_like(whitened))
+
+
+def explained_variance(values, returns, mask):
+    """1 - Var(R - V) / Var(R) over the valid tokens of this process: 1 is a perfect critic, 0 is
+    no better than predicting the mean, negative is worse. Returns a Python float."""
+    mask = mask.bool()
+    r, v = returns[mask].float(), values[mask].float()
+    return (1.0 - (r - v).var(unbiased=False) / r.var(unbiased=False)).item()
+
+
+# ----------------------------------------------------------------------------- KL
+
+def kl_penalty(logp, logp_ref, estimator: str = "k1"):
+    """Per-token estimate of KL(pi || pi_ref) from the sampled tokens' log-probs. (B, T) -> (B, T).
+
+    k1: logp - logp_ref. Unbiased, can be negative per token; the reference code's choice.
+    k3: exp(logp_ref - logp) - (logp_ref - logp) - 1. Unbiased and >= 0 per token, lower variance
+        (Schulman, "Approximating KL Divergence", 2020).
+    """
+    if estimator == "k1":
+        return logp - logp_ref
+    if estimator == "k3":
+        log_ratio = logp_ref - logp
+        return torch.exp(log_ratio) - log_ratio - 1
+    raise ValueError(f"unknown KL estimator {estimator!r}: use 'k1' or 'k3'")
+
+
+# ----------------------------------------------------------------------------- GAE
+
+def gae(rewards, values, mask, gamma: float, lam: float):
+    """Generalised advantage estimation (Schulman et al. 2016) over response tokens.
+
+    rewards, values, mask (B, T); mask marks the valid tokens, a contiguous prefix of each row.
+    delta_t = r_t + gamma * V_{t+1} * m_{t+1} - V_t
+    A_t     = delta_t + gamma * lam * m_{t+1} * A_{t+1}
+    so the episode ends after the last valid token (the value after it is 0).
+    Returns (advantages, returns), both (B, T) and zero on padding; returns = advantages + values
+    (the critic's regression target, not whitened: RTO.md).
+    """
+    mask = mask.bool()
+    # Zero the padding first so that whatever the buffers hold there (stale values, NaN) is inert.
+    rewards = torch.where(mask, rewards, torch.zeros_like(rewards))
+    values = torch.where(mask, values, torch.zeros_like(values))
+    m = mask.to(values.dtype)
+    T = rewards.shape[1]
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])      # (B,) V_{t+1} * m_{t+1}
+    next_adv = torch.zeros_like(values[:, 0])        # (B,) A_{t+1} * m_{t+1}
+    for t in reversed(range(T)):                     # vectorised over B, right to left over T
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantages[:, t] = delta + gamma * lam * next_adv
+        next_value = values[:, t] * m[:, t]
+        next_adv = advantages[:, t] * m[:, t]
+    advantages = advantages * m
+    return advantages, (advantages + values) * m
+
+
+# ----------------------------------------------------------------------------- losses
+
+def policy_loss(logp, logp_old, advantages, mask, clip_eps: float):
+    """PPO clipped surrogate (Schulman et al. 2017, eq. 7), negated to be minimised.
+    logp (B, T) under the current policy, logp_old (B, T) under the rollout policy, advantages (B, T).
+
+    Returns (loss, stats). Stats are detached scalars over the valid tokens:
+    clipfrac (fraction of tokens where the clipped term is the active one), approx_kl
+    (mean of 0.5 * (logp - logp_old)^2, TRL's "approxkl"), ratio_mean, ratio_max.
+    On the first minibatch after a rollout, logp == logp_old: ratio 1, clipfrac 0, approx_kl 0.
+    """
+    mask = mask.bool()
+    log_ratio = logp - logp_old
+    ratio = torch.exp(log_ratio)
+    pg_unclipped = -advantages * ratio
+    pg_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    # max of the negated terms = min of the surrogates: a pessimistic bound on the improvement.
+    loss = seq_mean(torch.max(pg_unclipped, pg_clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((pg_clipped > pg_unclipped).float(), mask),
+            "approx_kl": masked_mean(0.5 * log_ratio ** 2, mask),
+            "ratio_mean": masked_mean(ratio, mask),
+            "ratio_max": torch.where(mask, ratio, torch.full_like(ratio, -float("inf"))).max(),
+        }
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def value_loss(values, values_old, returns, mask, clip: float):
+    """Clipped value loss of the reference code: 0.5 * max((V - R)^2, (V_clip - R)^2) with
+    V_clip = V_old + clamp(V - V_old, -clip, clip), reduced like the policy loss.
+    values, values_old, returns (B, T). Returns (loss, {"vf_clipfrac": fraction of valid tokens
+    where the clipped term is the larger one}).
+    """
+    mask = mask.bool()
+    values_clipped = values_old + torch.clamp(values - values_old, -clip, clip)
+    loss_unclipped = (values - returns) ** 2
+    loss_clipped = (values_clipped - returns) ** 2
+    loss = 0.5 * seq_mean(torch.max(loss_unclipped, loss_clipped), mask)
+    with torch.no_grad():
+        vf_clipfrac = masked_mean((loss_clipped > loss_unclipped).float(), mask)
+    return loss, {"vf_clipfrac": vf_clipfrac.detach()}
