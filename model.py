@@ -248,14 +248,14 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, kv=None, start=0):
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, start=0):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv is not None:  # write this step's keys/values into the preallocated cache, attend over all so far
-            k_cache, v_cache = kv
+        if cache is not None:  # write this step's keys/values into the preallocated cache, attend over all so far
+            k_cache, v_cache = cache.layer(layer, k)
             k_cache[:, :, start:start + T] = k
             v_cache[:, :, start:start + T] = v
             k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]
@@ -284,8 +284,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x, cos, sin, mask, kv=None, start=0):
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask, kv, start)
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, start=0):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, layer, start)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -293,15 +293,21 @@ class KVCache:
     """Preallocated keys/values for `max_len` positions, plus which cached positions are real tokens.
 
     `length` columns are filled; `n_real[b]` counts row b's real tokens so far (= the next position id).
+    A layer's buffers are allocated at its first write, in the dtype its keys arrive in (under a
+    mixed-precision policy that is the compute dtype, not the stored parameters' dtype).
     """
 
-    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, device, dtype):
-        shape = (batch_size, args.n_kv_heads, max_len, args.head_dim)
-        self.kv = [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
-                   for _ in range(args.n_layers)]
+    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, device):
+        self.shape = (batch_size, args.n_kv_heads, max_len, args.head_dim)
+        self.kv = [None] * args.n_layers
         self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.n_real = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.length = 0
+
+    def layer(self, i: int, like: torch.Tensor):
+        if self.kv[i] is None:
+            self.kv[i] = (like.new_zeros(self.shape), like.new_zeros(self.shape))
+        return self.kv[i]
 
 
 class Llama(nn.Module):
@@ -358,11 +364,10 @@ class Llama(nn.Module):
         h = self.tok_embeddings(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq(device), positions, h.dtype)
         for i, layer in enumerate(self.layers):
-            kv = None if cache is None else cache.kv[i]
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(layer, h, cos, sin, mask, kv, start, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, mask, cache, i, start, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, mask, kv, start)
+                h = layer(h, cos, sin, mask, cache, i, start)
         h = self.norm(h)
         out = self.output(h) if self.args.head == "lm" else self.score(h).squeeze(-1)
         return (out, h) if return_hidden else out
@@ -386,13 +391,23 @@ class Llama(nn.Module):
         save_hf_checkpoint(self.hf_state_dict(), self.args.to_hf_config(), path, max_shard_bytes, extra_files)
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype: torch.dtype | None = None) -> "Llama":
+    def from_pretrained(cls, path, device="cpu", dtype: torch.dtype | None = None, head: str | None = None) -> "Llama":
+        """Strict load of an HF Llama directory. head="score" on a causal-LM checkpoint keeps the backbone and
+        starts a new scalar head (a reward model or critic initialised from the SFT model)."""
         path = Path(path)
         cfg_path = path / "config.json"
         if not cfg_path.is_file():
             raise FileNotFoundError(f"{cfg_path}: not found (expected a Hugging Face checkpoint directory)")
         args = ModelArgs.from_hf_config(json.loads(cfg_path.read_text()), str(cfg_path))
         tensors = load_safetensors_dir(path)
+        if head is not None and head != args.head:
+            if head != "score":
+                raise ValueError(f"{path}: a reward-model checkpoint cannot be loaded as a language model")
+            tensors.pop("lm_head.weight", None)
+            g = torch.Generator().manual_seed(0)  # the new head: small, so the first scores are near 0
+            tensors["score.weight"] = torch.randn(1, args.dim, generator=g) / math.sqrt(args.dim + 1)
+            tensors["score.weight"] = tensors["score.weight"].to(tensors["model.norm.weight"].dtype)
+            args = ModelArgs(**{**asdict(args), "head": "score", "tie_embeddings": False})
         with torch.device("meta"):
             model = cls(args)
         expected = {hf_name(n): p for n, p in model.state_dict().items()
@@ -520,8 +535,7 @@ def generate(model: Llama, prompt_ids, prompt_mask, max_new_tokens: int, *, eos_
     B, P = prompt_ids.shape
     if not bool(prompt_mask[:, -1].all()):
         raise ValueError("prompts must be left-padded: the last column must be a real token in every row")
-    dtype = next(model.parameters()).dtype
-    cache = KVCache(model.args, B, P + max_new_tokens, prompt_ids.device, dtype)
+    cache = KVCache(model.args, B, P + max_new_tokens, prompt_ids.device)
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=prompt_ids.device)
     done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
     logits = model(prompt_ids, prompt_mask, cache=cache)[:, -1]

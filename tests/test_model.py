@@ -94,7 +94,7 @@ def test_cached_chunks_equal_full_forward():
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1], [1] * 9])
     with torch.no_grad():
         full = model(ids, mask)
-        cache = KVCache(model.args, 2, 9, "cpu", torch.float32)
+        cache = KVCache(model.args, 2, 9, "cpu")
         a = model(ids[:, :5], mask[:, :5], cache=cache)
         b = model(ids[:, 5:7], mask[:, 5:7], cache=cache)
         c = model(ids[:, 7:], mask[:, 7:], cache=cache)

@@ -1,0 +1,1013 @@
+"""Every stage of the RTO pipeline: SFT -> DPO -> Bradley-Terry reward model -> PPO with dense token rewards.
+
+    python train.py                     # the whole pipeline on the built-in task (~5 min on 2 CPU cores), results table
+    python train.py sft --data sft.jsonl --model path/to/Llama-3.2-1B --out runs/sft
+    python train.py dpo --data prefs.jsonl --model runs/sft/final --out runs/dpo
+    python train.py rm  --data prefs.jsonl --model runs/sft/final --out runs/rm
+    python train.py ppo --algo rto --prompts prompts.jsonl --policy runs/sft/final \\
+                        --dpo runs/dpo/final --rm runs/rm/final --out runs/rto
+    python train.py sample --model runs/rto/final --prompt "Why is the sky blue?"
+    torchrun --nproc_per_node=8 train.py ppo ...     # the same file, N processes, FSDP2 (nccl on GPU, gloo on CPU)
+    python train.py ppo --help                       # every field of a stage's config, with its default
+
+Each stage reads JSONL data (data.py) and HF-format checkpoints (model.py), writes `<out>/final` in HF format
+(+ tokenizer.json + train_config.json), appends one JSON line per step to `<out>/metrics.jsonl`, and with
+--save_every N keeps a sharded, resumable checkpoint in `<out>/checkpoints` (--resume continues a killed run).
+The math lives in dpo.py, reward.py, ppo.py and rto.py; this file is the loops that call it, top to bottom.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import dpo as dpo_math
+import ppo as ppo_math
+import reward as rm_math
+import rto
+from data import Tokenizer, WordTask, collate, pad_left, read_preferences, read_prompts, read_sft, train_tokenizer
+from model import Llama, ModelArgs, generate, hf_name, save_hf_checkpoint
+
+
+def F(default, help: str):
+    """A config field with its one-line help (shown by --help, printed at start)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+# ==========================================================================================================
+# Configs: one dataclass per stage; every constant that shapes a result is a field here.
+
+
+@dataclass
+class Config:
+    """Fields shared by every training stage."""
+    out: str = F("runs/run", "run directory: train_config.json, metrics.jsonl, checkpoints/, final/")
+    seed: int = F(0, "seeds init, data order and sampling: the same seed gives the same run on CPU")
+    device: str = F("auto", "auto | cpu | cuda")
+    bf16: bool = F(False, "bf16 parameters/compute with fp32 master weights and fp32 gradient reduction (GPU)")
+    activation_checkpointing: bool = F(False, "recompute each transformer block in backward to save memory")
+    lr: float = F(1e-5, "peak learning rate (cosine schedule)")
+    warmup_ratio: float = F(0.03, "fraction of steps of linear warm-up (reference code: 3%)")
+    min_lr_ratio: float = F(0.1, "the cosine decays to min_lr_ratio * lr (reference code: 0.1)")
+    weight_decay: float = F(0.0, "AdamW weight decay (reference code: 0)")
+    adam_beta1: float = F(0.9, "Adam beta1")
+    adam_beta2: float = F(0.95, "Adam beta2 (reference code: 0.95)")
+    grad_clip: float = F(1.0, "clip the global gradient norm to this (reference code: 1.0)")
+    batch_size: int = F(32, "examples per optimizer step, over all ranks")
+    micro_batch_size: int = F(8, "examples per forward pass on one rank (gradient accumulation makes up the rest)")
+    epochs: int = F(1, "passes over the data")
+    max_steps: int = F(0, "stop after this many optimizer steps (0: run the epochs)")
+    max_prompt_len: int = F(256, "prompt tokens kept (the END of a longer prompt, so the generation cue survives)")
+    max_response_len: int = F(256, "response tokens kept (the START of a longer response; a cut one has no EOS)")
+    save_every: int = F(0, "write a resumable checkpoint every N steps (0: only the final HF export)")
+    resume: bool = F(False, "continue from the latest complete checkpoint in <out>/checkpoints")
+    progress: bool = F(True, "show a tqdm bar")
+
+
+@dataclass
+class SFTConfig(Config):
+    data: str = F("", "SFT JSONL: {prompt, response} or {messages} rows")
+    model: str = F("", "HF-format checkpoint directory to start from (with tokenizer.json); empty: a new model")
+    preset: str = F("tiny", "model.py preset for a NEW model, used only when --model is empty")
+    tokenizer: str = F("", "directory holding tokenizer.json, when --model is empty")
+    out: str = F("runs/sft", "run directory")
+    lr: float = F(1e-5, "peak learning rate")
+
+
+@dataclass
+class DPOConfig(Config):
+    data: str = F("", "preference JSONL: {prompt, chosen, rejected} rows")
+    eval_data: str = F("", "held-out preference JSONL for reward accuracy (optional)")
+    model: str = F("", "the SFT checkpoint to start from (with tokenizer.json)")
+    out: str = F("runs/dpo", "run directory")
+    lr: float = F(5e-7, "peak learning rate")
+    beta: float = F(0.1, "DPO beta: strength of the KL anchor to the reference (the SFT model)")
+    label_smoothing: float = F(0.0, "conservative DPO: assumed fraction of flipped labels (0 = plain DPO)")
+    loss_type: str = F("sigmoid", "sigmoid (DPO) | ipo")
+
+
+@dataclass
+class RMConfig(Config):
+    data: str = F("", "preference JSONL: {prompt, chosen, rejected} rows")
+    eval_data: str = F("", "held-out preference JSONL: accuracy, and the score mean/std stored for PPO")
+    model: str = F("", "the SFT checkpoint to start from (with tokenizer.json)")
+    out: str = F("runs/rm", "run directory")
+    lr: float = F(9e-6, "peak learning rate")
+
+
+@dataclass
+class PPOConfig(Config):
+    prompts: str = F("", "prompt JSONL: {prompt} or {messages} rows")
+    algo: str = F("rto", "ppo (sparse r_MLE) | rto (dense DPO reward + r_MLE) | semi-rto | dpo-only")
+    policy: str = F("", "the SFT checkpoint: initial policy and the KL reference pi_ref")
+    dpo: str = F("", "the DPO checkpoint (rto, semi-rto, dpo-only)")
+    rm: str = F("", "the reward model checkpoint (ppo, rto, semi-rto)")
+    critic: str = F("", "critic init (default: --rm, as the reference code does; else --policy + a new head)")
+    out: str = F("runs/ppo", "run directory")
+    lr: float = F(5e-7, "actor peak learning rate")
+    critic_lr: float = F(9e-6, "critic peak learning rate")
+    batch_size: int = F(32, "prompts per PPO minibatch (one optimizer step of actor and critic), over all ranks")
+    rollout_batch_size: int = F(64, "prompts sampled per rollout, over all ranks")
+    ppo_epochs: int = F(1, "passes over each rollout (reference code: 1)")
+    temperature: float = F(1.0, "sampling temperature; log-probs use the same one")
+    top_k: int = F(0, "sample from the k most likely tokens (0: all)")
+    top_p: float = F(1.0, "nucleus sampling mass (1: all)")
+    beta1: float = F(0.05, "RTO: scale of the DPO token reward log(pi_dpo/pi_ref) (reference dpo_reward_scale 0.05)")
+    dpo_clip: float = F(0.05, "RTO: clip each DPO token reward to +-this (reference: 0.05)")
+    beta2: float = F(0.01, "KL coefficient: -beta2 * KL(pi || pi_ref) per token (reference init_kl_coef 0.01)")
+    beta3: float = F(1.0, "weight of the reward model score on the last token")
+    kl_estimator: str = F("k1", "per-token KL estimator: k1 (reference) | k3")
+    gamma: float = F(1.0, "GAE discount (reference: 1)")
+    lam: float = F(0.95, "GAE lambda (reference: 0.95)")
+    clip_eps: float = F(0.2, "PPO ratio clip (reference: 0.2)")
+    value_clip: float = F(0.2, "value clip around the rollout values (reference: 0.2)")
+    reward_clip: float = F(10.0, "clamp the normalised RM score to +-this (reference: 10)")
+    normalize_reward: bool = F(True, "(score - mean) / std with the mean/std stored in the RM checkpoint")
+    no_eos_penalty: float = F(1.0, "subtracted on the last token of a response cut by max_response_len")
+    delimiters: str = F(".,;:!?\n", "semi-rto: a token whose text holds one of these ends a segment")
+    max_response_len: int = F(128, "max new tokens per response")
+
+
+# ==========================================================================================================
+# Distributed: torchrun is detected from the environment; one process needs no process group at all.
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_dist(device: str) -> Dist:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "RANK" not in os.environ:  # plain `python train.py`
+        return Dist(0, 1, torch.device(device))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), dev)
+
+
+def close_dist():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+D = Dist()  # this process's place in the job; set once by main()
+
+
+def print0(*args):
+    if D.main:
+        tqdm.write(" ".join(str(a) for a in args))
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of a tensor over ranks (identity on one process)."""
+    if D.world > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def reduce_metrics(sums: dict[str, float], count: float) -> dict[str, float]:
+    """Metric sums from every rank -> their global means (count = number of units summed, on this rank)."""
+    keys = sorted(sums)
+    t = all_sum(torch.tensor([float(sums[k]) for k in keys] + [float(count)], dtype=torch.float64))
+    return {k: (t[i] / t[-1]).item() for i, k in enumerate(keys)}
+
+
+def shard(model: Llama, cfg: Config) -> Llama:
+    """FSDP2: each block is its own all-gather unit, then the root (embeddings, final norm, head).
+
+    Used whenever there are several processes, or bf16 is asked for (the mixed-precision policy keeps fp32
+    master weights and reduces gradients in fp32). Frozen models (reference, DPO model and reward model during
+    PPO) are sharded the same way: at the paper's scale three unsharded 8B copies per GPU would not fit.
+    """
+    model.to(D.device)
+    model.grad_checkpointing = cfg.activation_checkpointing
+    if D.world == 1 and not cfg.bf16:
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cfg.bf16 else None
+    kw = {"mp_policy": mp} if mp is not None else {}
+    for block in model.layers:
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+@contextmanager
+def gathered(model):
+    """Generation runs one forward per token: gather the sharded weights once for the whole loop instead of
+    once per token, then shard them again (FSDP2 unshard / reshard)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in mods:
+        m.unshard()
+        m.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.reshard()
+            m.set_reshard_after_forward(True)
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """The unsharded state dict on CPU (on rank 0; other ranks get an empty dict under FSDP)."""
+    if D.world == 1 and not any(hasattr(p, "full_tensor") for p in model.parameters()):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+# ==========================================================================================================
+# Checkpoints. Resumable ones are torch.distributed.checkpoint (sharded, loadable at any world size) written
+# to step_N.tmp and renamed only when every rank has finished: a kill mid-save leaves the previous one intact.
+
+
+def save_checkpoint(run_dir: Path, step: int, models: dict, optims: dict, scheds: dict, cfg: Config):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    ckpt_dir = run_dir / "checkpoints"
+    tmp, final = ckpt_dir / f"step_{step:06d}.tmp", ckpt_dir / f"step_{step:06d}"
+    if D.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    state = {}
+    for name, model in models.items():
+        msd, osd = get_state_dict(model, optims[name])
+        state[name], state[f"{name}_optim"] = msd, osd
+    dcp.save(state, checkpoint_id=str(tmp))
+    # this rank's RNG state (the loops draw from generators derived from (seed, step, rank), so this is
+    # belt and braces: torch's global generator is the only state not implied by the step)
+    save_rng(tmp / f"rng_rank{D.rank}.safetensors")
+    barrier()
+    if D.main:
+        meta = {"step": step, "world": D.world, "schedulers": {k: v.state_dict() for k, v in scheds.items()}}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        (tmp / "train_config.json").write_text(config_json(cfg))
+        os.replace(tmp, final)  # the commit point
+        for old in ckpt_dir.glob("step_*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    done = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if not p.name.endswith(".tmp")
+                  and (p / "meta.json").is_file())
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, models: dict, optims: dict, scheds: dict) -> int:
+    """Restore models, optimizers, schedulers and this rank's RNG from a checkpoint; returns its step."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    state = {}
+    for name, model in models.items():
+        state[name], state[f"{name}_optim"] = get_state_dict(model, optims[name])
+    dcp.load(state, checkpoint_id=str(path))
+    for name, model in models.items():
+        set_state_dict(model, optims[name], model_state_dict=state[name], optim_state_dict=state[f"{name}_optim"])
+    rng = path / f"rng_rank{D.rank}.safetensors"
+    if rng.is_file():  # absent when the checkpoint was written by a different number of processes
+        load_rng(rng)
+    meta = json.loads((path / "meta.json").read_text())
+    for name, sched in scheds.items():
+        sched.load_state_dict(meta["schedulers"][name])
+    return meta["step"]
+
+
+def save_rng(path: Path):
+    from safetensors.torch import save_file
+
+    save_file({"torch": torch.get_rng_state()}, str(path))
+
+
+def load_rng(path: Path):
+    from safetensors.torch import load_file
+
+    torch.set_rng_state(load_file(str(path))["torch"])
+
+
+def barrier():
+    if D.world > 1:
+        dist.barrier()
+
+
+def export_hf(model: Llama, tok: Tokenizer, path: Path, cfg):
+    """The trained model as an HF checkpoint (+ tokenizer.json + the config it was trained with), rank 0."""
+    sd = full_state_dict(model)
+    if D.main:
+        args = model.args
+        sd = {hf_name(k): v for k, v in sd.items() if not (k == "output.weight" and args.tie_embeddings)}
+        extra = {"tokenizer.json": tok.tk.to_str(), "train_config.json": config_json(cfg)}
+        save_hf_checkpoint(sd, args.to_hf_config(), path, 2 * 1024**3, extra)
+    barrier()
+
+
+def config_json(cfg) -> str:
+    return json.dumps({"stage": type(cfg).__name__, **asdict(cfg)}, indent=2) + "\n"
+
+
+# ==========================================================================================================
+# Shared pieces of the loops
+
+
+def load_model(path: str, head: str = "lm", cfg: Config | None = None, tok: Tokenizer | None = None) -> Llama:
+    """An HF checkpoint as a policy (head="lm") or a reward model / critic (head="score"; a causal-LM checkpoint
+    gets a fresh scalar head). Without a path: a new model from cfg.preset sized to the tokenizer."""
+    if path:
+        model = Llama.from_pretrained(path, head=head)
+    else:
+        torch.manual_seed(cfg.seed)
+        args = ModelArgs.preset(cfg.preset, vocab_size=tok.vocab_size, head=head, bos_token_id=tok.bos_id,
+                                eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+        model = Llama(args)
+    if tok is not None and max(tok.bos_id, tok.eos_id, tok.pad_id) >= model.args.vocab_size:
+        raise ValueError(f"tokenizer special ids (bos {tok.bos_id}, eos {tok.eos_id}, pad {tok.pad_id}) do not fit "
+                         f"the model's vocab_size {model.args.vocab_size}")
+    return model
+
+
+def load_tokenizer(cfg: Config) -> Tokenizer:
+    src = cfg.model or getattr(cfg, "tokenizer", "")
+    if not src:
+        raise ValueError("give --model (a checkpoint with tokenizer.json)"
+                         + (" or --tokenizer for a new model" if hasattr(cfg, "tokenizer") else ""))
+    return Tokenizer.from_dir(src)
+
+
+def make_optimizer(model, lr: float, cfg: Config, total_steps: int):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                            betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
+                            foreach=D.world == 1 and not cfg.bf16)
+    warmup = max(1, math.ceil(cfg.warmup_ratio * total_steps))
+
+    def lr_lambda(step):  # linear warm-up, then cosine from 1 down to min_lr_ratio (reference schedule)
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+
+
+def clip_and_step(model, opt, sched, max_norm: float) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
+    """This rank's share of global batch `step`: epochs are seeded permutations of the n examples, a global
+    batch is a contiguous slice of one, rank r takes every world-th item of it. Derived from (seed, step) alone,
+    so a resumed run sees exactly the batches the uninterrupted run would have."""
+    per_epoch = n // batch_size
+    epoch, k = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return perm[k * batch_size:(k + 1) * batch_size][D.rank::D.world].tolist()
+
+
+def check_batch(cfg: Config, n: int, batch_size: int, what: str) -> int:
+    """Validate the batch arithmetic once, with errors that say which numbers do not fit. Returns steps."""
+    if batch_size % D.world:
+        raise ValueError(f"batch_size {batch_size} is not divisible by the {D.world} processes")
+    if (batch_size // D.world) % cfg.micro_batch_size:
+        raise ValueError(f"per-rank batch {batch_size // D.world} is not divisible by micro_batch_size "
+                         f"{cfg.micro_batch_size}")
+    if n < batch_size:
+        raise ValueError(f"{what}: {n} examples are fewer than one batch of {batch_size}")
+    return cfg.max_steps or cfg.epochs * (n // batch_size)
+
+
+def chunks(xs: list, size: int):
+    return [xs[i:i + size] for i in range(0, len(xs), size)]
+
+
+def response_logprobs(model, batch: dict, temperature: float = 1.0, entropy: bool = False):
+    """Log-probs (B, R) of the response tokens under `model`: the token at column P+j is predicted by the
+    logits at column P+j-1. With entropy=True, also the entropy (B, R) of each predictive distribution."""
+    P = batch["prompt_len"]
+    logits = model(batch["input_ids"], batch["attention_mask"])[:, P - 1:-1]
+    logp = ppo_math.logprobs_from_logits(logits, batch["input_ids"][:, P:], temperature)
+    if entropy:
+        with torch.no_grad():
+            return logp, ppo_math.entropy_from_logits(logits, temperature)
+    return logp
+
+
+def to_device(batch: dict) -> dict:
+    return {k: v.to(D.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+class Logger:
+    """One fixed-format line per step (rank 0), every metric also appended to <out>/metrics.jsonl."""
+
+    def __init__(self, run_dir: Path, resume_step: int, keys: list[str]):
+        self.path, self.keys = run_dir / "metrics.jsonl", keys
+        if D.main and self.path.exists():  # a resumed run rewrites what the killed run logged after its checkpoint
+            rows = [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] < resume_step))
+
+    def log(self, step: int, metrics: dict):
+        if not D.main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        line = f"step {step:5d}" + "".join(f" | {k} {metrics[k]:.4g}" for k in self.keys if k in metrics)
+        tqdm.write(line)
+
+
+def start_run(cfg: Config) -> Path:
+    run_dir = Path(cfg.out)
+    if D.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "train_config.json").write_text(config_json(cfg))
+    print0(f"== {type(cfg).__name__} ({D.world} process{'es' if D.world > 1 else ''}, {D.device})\n"
+           + config_json(cfg))
+    barrier()
+    return run_dir
+
+
+# ==========================================================================================================
+# SFT, DPO and the reward model share one loop: batches of examples, a loss summed over "units" (response
+# tokens for SFT, pairs for DPO and the RM), normalised by the global number of units in the batch.
+
+
+def fit(cfg: Config, run_dir: Path, model: Llama, n: int, units, loss_fn, keys: list[str]) -> int:
+    """Train `model` for the configured steps. units(i) -> how many loss units example i holds; loss_fn(idx)
+    -> (loss summed over the units of examples idx, {metric: sum over the same units}). Returns steps run."""
+    total = check_batch(cfg, n, cfg.batch_size, cfg.out)
+    opt, sched = make_optimizer(model, cfg.lr, cfg, total)
+    start = 0
+    if cfg.resume and (ckpt := latest_checkpoint(run_dir)) is not None:
+        start = load_checkpoint(ckpt, {"model": model}, {"model": opt}, {"model": sched})
+        print0(f"resumed from {ckpt} at step {start}")
+    logger = Logger(run_dir, start, keys)
+    bar = tqdm(total=total, initial=start, disable=not (D.main and cfg.progress), desc=cfg.out, leave=False)
+    model.train()
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        idx = batch_indices(step, n, cfg.batch_size, cfg.seed)
+        local_units = sum(units(i) for i in idx)
+        global_units = float(all_sum(torch.tensor(float(local_units))))
+        sums, tokens = {}, 0
+        micro = chunks(idx, cfg.micro_batch_size)
+        for k, mb in enumerate(micro):
+            if hasattr(model, "set_requires_gradient_sync"):  # FSDP: reduce-scatter once, after the last micro
+                model.set_requires_gradient_sync(k == len(micro) - 1)
+            loss_sum, metric_sums, n_tok = loss_fn(mb)
+            # FSDP averages gradients over ranks, so scale by world: the result is the global per-unit mean
+            (loss_sum * D.world / global_units).backward()
+            sums["loss"] = sums.get("loss", 0.0) + float(loss_sum)
+            for k2, v in metric_sums.items():
+                sums[k2] = sums.get(k2, 0.0) + float(v)
+            tokens += n_tok
+        metrics = reduce_metrics(sums, local_units)
+        metrics["grad_norm"] = clip_and_step(model, opt, sched, cfg.grad_clip)
+        metrics["lr"] = sched.get_last_lr()[0]
+        metrics["tokens_per_s"] = float(all_sum(torch.tensor(float(tokens)))) / (time.perf_counter() - t0)
+        logger.log(step + 1, metrics)
+        bar.update(1)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
+            save_checkpoint(run_dir, step + 1, {"model": model}, {"model": opt}, {"model": sched}, cfg)
+    bar.close()
+    return total
+
+
+def encode_pairs(tok: Tokenizer, rows, cfg: Config):
+    return [(tok.encode_prompt(r.prompt, cfg.max_prompt_len), tok.encode_response(r.chosen, cfg.max_response_len),
+             tok.encode_response(r.rejected, cfg.max_response_len)) for r in rows]
+
+
+def pair_batch(pairs, tok: Tokenizer) -> dict:
+    """[chosen rows; rejected rows] in one batch (one forward pass), same prompt layout for both halves."""
+    prompts = [p for p, _, _ in pairs]
+    return to_device(collate(prompts + prompts, [c for _, c, _ in pairs] + [r for _, _, r in pairs], tok.pad_id))
+
+
+def run_sft(cfg: SFTConfig) -> Path:
+    run_dir = start_run(cfg)
+    tok = load_tokenizer(cfg)
+    rows = read_sft(cfg.data)
+    data = [(tok.encode_prompt(r.prompt, cfg.max_prompt_len), tok.encode_response(r.response, cfg.max_response_len))
+            for r in rows]
+    model = shard(load_model(cfg.model, "lm", cfg, tok), cfg)
+    print0(f"{len(data)} SFT examples, model {model.num_params() / 1e6:.2f}M parameters")
+
+    def loss_fn(idx):
+        b = to_device(collate([data[i][0] for i in idx], [data[i][1] for i in idx], tok.pad_id))
+        logp = response_logprobs(model, b)
+        loss_sum = -ppo_math.masked_sum(logp, b["response_mask"])  # next-token NLL of response tokens only
+        return loss_sum, {}, int(b["attention_mask"].sum())
+
+    fit(cfg, run_dir, model, len(data), lambda i: len(data[i][1]), loss_fn, ["loss", "grad_norm", "tokens_per_s"])
+    export_hf(model, tok, run_dir / "final", cfg)
+    return run_dir / "final"
+
+
+@torch.no_grad()
+def pair_values(fn, pairs, tok: Tokenizer, micro: int) -> torch.Tensor:
+    """(n, 2) values [chosen, rejected] of every pair, fn(batch) -> (2k,) for a pair batch of k. Each rank
+    computes every world-th pair and all ranks receive the whole table."""
+    n = len(pairs)
+    out = torch.zeros(n, 2, dtype=torch.float64, device=D.device)
+    mine = list(range(D.rank, n, D.world))
+    for k in range(math.ceil(math.ceil(n / D.world) / micro)):  # the same number of forwards on every rank (FSDP)
+        idx = mine[k * micro:(k + 1) * micro]
+        v = fn(pair_batch([pairs[i] for i in idx or [0]], tok)).double()
+        if idx:
+            out[idx, 0], out[idx, 1] = v[:len(idx)], v[len(idx):]
+    return all_sum(out)
+
+
+def summed_logps(model):
+    """batch -> (B,) summed response log-probs under model (DPO's log pi(y|x))."""
+    return lambda b: dpo_math.sequence_logps(response_logprobs(model, b), b["response_mask"])
+
+
+def scores(model):
+    """batch -> (B,) reward-model score read at each row's last real token (the EOS of a complete response)."""
+    return lambda b: rm_math.gather_last(model(b["input_ids"], b["attention_mask"]), b["attention_mask"])
+
+
+def write_json(path: Path, obj):
+    if D.main:
+        path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def run_dpo(cfg: DPOConfig) -> Path:
+    run_dir = start_run(cfg)
+    tok = load_tokenizer(cfg)
+    pairs = encode_pairs(tok, read_preferences(cfg.data), cfg)
+    eval_pairs = encode_pairs(tok, read_preferences(cfg.eval_data), cfg) if cfg.eval_data else []
+    model = shard(load_model(cfg.model, "lm", cfg, tok), cfg)
+    # The reference is the starting (SFT) model itself: its log-probs are computed once, before the first
+    # step, so no frozen copy has to stay in memory. On a resumed run they come from the checkpoint's
+    # starting point, which is the same model: --model is still the SFT checkpoint.
+    model.eval()
+    ref = pair_values(summed_logps(model), pairs, tok, cfg.micro_batch_size)
+    ref_eval = pair_values(summed_logps(model), eval_pairs, tok, cfg.micro_batch_size) if eval_pairs else None
+    print0(f"{len(pairs)} preference pairs; reference log-probs computed")
+
+    def loss_fn(idx):
+        b = pair_batch([pairs[i] for i in idx], tok)
+        s, k = summed_logps(model)(b), len(idx)
+        loss, m = dpo_math.dpo_loss(s[:k], s[k:], ref[idx, 0].float(), ref[idx, 1].float(), cfg.beta,
+                                    cfg.label_smoothing, cfg.loss_type)
+        return loss * k, {key: v * k for key, v in m.items()}, int(b["attention_mask"].sum())
+
+    fit(cfg, run_dir, model, len(pairs), lambda i: 1, loss_fn,
+        ["loss", "accuracy", "chosen_reward", "rejected_reward", "margin", "grad_norm", "tokens_per_s"])
+    if eval_pairs:
+        model.eval()
+        pol = pair_values(summed_logps(model), eval_pairs, tok, cfg.micro_batch_size)
+        margin = (pol[:, 0] - ref_eval[:, 0]) - (pol[:, 1] - ref_eval[:, 1])
+        result = {"eval_accuracy": (margin > 0).double().mean().item(), "eval_margin": cfg.beta * margin.mean().item()}
+        print0(f"DPO held-out implicit-reward accuracy {result['eval_accuracy']:.3f}")
+        write_json(run_dir / "eval.json", result)
+    export_hf(model, tok, run_dir / "final", cfg)
+    return run_dir / "final"
+
+
+def run_rm(cfg: RMConfig) -> Path:
+    run_dir = start_run(cfg)
+    tok = load_tokenizer(cfg)
+    pairs = encode_pairs(tok, read_preferences(cfg.data), cfg)
+    eval_pairs = encode_pairs(tok, read_preferences(cfg.eval_data), cfg) if cfg.eval_data else []
+    model = shard(load_model(cfg.model, "score", cfg, tok), cfg)
+
+    def loss_fn(idx):
+        b = pair_batch([pairs[i] for i in idx], tok)
+        r, k = scores(model)(b), len(idx)
+        loss, m = rm_math.bt_loss(r[:k], r[k:])
+        return loss * k, {key: v * k for key, v in m.items()}, int(b["attention_mask"].sum())
+
+    fit(cfg, run_dir, model, len(pairs), lambda i: 1, loss_fn, ["loss", "accuracy", "margin", "grad_norm", "tokens_per_s"])
+    # Score statistics for PPO's reward normalisation, on held-out pairs when given (else on the training
+    # pairs, which the RM has fit: say so), stored in the checkpoint's config.json (rto_score_mean/std).
+    model.eval()
+    held = eval_pairs or pairs
+    r = pair_values(scores(model), held, tok, cfg.micro_batch_size)
+    model.args.score_mean, model.args.score_std = r.mean().item(), r.flatten().std().item()
+    result = {"eval_accuracy": (r[:, 0] > r[:, 1]).double().mean().item(), "on": "eval" if eval_pairs else "train",
+              "score_mean": model.args.score_mean, "score_std": model.args.score_std}
+    print0(f"RM accuracy on {result['on']} pairs {result['eval_accuracy']:.3f}; score mean "
+           f"{result['score_mean']:.3f} std {result['score_std']:.3f}")
+    write_json(run_dir / "eval.json", result)
+    export_hf(model, tok, run_dir / "final", cfg)
+    return run_dir / "final"
+
+
+# ==========================================================================================================
+# PPO with the dense RTO reward. One step = one rollout (sample, score) + PPO epochs over it.
+
+
+def seed_for(*parts: int) -> int:
+    """A 63-bit seed derived from (seed, step, rank, ...): every random draw in a step is a function of these."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> 1)
+
+
+def frozen(model: Llama) -> Llama:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+@torch.no_grad()
+def sample_responses(model: Llama, tok: Tokenizer, prompts: list[list[int]], cfg: PPOConfig, gen) -> dict:
+    """Sample one response per prompt, in micro-batches; returns the [left-padded prompt | right-padded response]
+    batch with response_mask True up to and including each row's EOS."""
+    p_ids, p_mask = pad_left(prompts, tok.pad_id)
+    p_ids, p_mask = p_ids.to(D.device), p_mask.to(D.device)
+    model.eval()
+    outs = []
+    with gathered(model):
+        for rows in chunks(list(range(len(prompts))), cfg.micro_batch_size):
+            outs.append(generate(model, p_ids[rows], p_mask[rows], cfg.max_response_len, eos_id=tok.eos_id,
+                                 pad_id=tok.pad_id, temperature=cfg.temperature, top_k=cfg.top_k,
+                                 top_p=cfg.top_p, generator=gen))
+    R = max(t.shape[1] for t, _ in outs)
+    tokens = torch.cat([torch.nn.functional.pad(t, (0, R - t.shape[1]), value=tok.pad_id) for t, _ in outs])
+    mask = torch.cat([torch.nn.functional.pad(m, (0, R - m.shape[1]), value=False) for _, m in outs])
+    return {"input_ids": torch.cat([p_ids, tokens], 1), "attention_mask": torch.cat([p_mask, mask.long()], 1),
+            "response_mask": mask, "prompt_len": p_ids.shape[1]}
+
+
+def micro_view(buf: dict, rows) -> dict:
+    return {k: (v[rows] if torch.is_tensor(v) else v) for k, v in buf.items()}
+
+
+def run_ppo(cfg: PPOConfig, gold=None) -> Path:
+    """gold(prompt_messages, response_text) -> float, when the true reward is known (the built-in task)."""
+    run_dir = start_run(cfg)
+    if cfg.algo not in rto.ALGOS:
+        raise ValueError(f"--algo {cfg.algo!r}: choose one of {rto.ALGOS}")
+    uses_dpo, uses_rm = cfg.algo in ("rto", "semi-rto", "dpo-only"), cfg.algo != "dpo-only"
+    for flag, needed in (("policy", True), ("prompts", True), ("dpo", uses_dpo), ("rm", uses_rm)):
+        if needed and not getattr(cfg, flag):
+            raise ValueError(f"--algo {cfg.algo} needs --{flag}")
+    tok = Tokenizer.from_dir(cfg.policy)
+    prompt_rows = read_prompts(cfg.prompts)
+    prompts = [tok.encode_prompt(r.prompt, cfg.max_prompt_len) for r in prompt_rows]
+
+    actor = shard(load_model(cfg.policy, "lm", tok=tok), cfg)
+    ref = frozen(shard(load_model(cfg.policy, "lm", tok=tok), cfg))  # pi_ref = the SFT model, for KL and RTO
+    dpo_model = frozen(shard(load_model(cfg.dpo, "lm", tok=tok), cfg)) if uses_dpo else None
+    rm_model = frozen(shard(load_model(cfg.rm, "score", tok=tok), cfg)) if uses_rm else None
+    critic = shard(load_model(cfg.critic or cfg.rm or cfg.policy, "score", tok=tok), cfg)
+    if uses_rm and cfg.normalize_reward:
+        if rm_model.args.score_std is None:
+            raise ValueError(f"{cfg.rm}/config.json has no rto_score_mean/rto_score_std: train it with "
+                             f"`train.py rm`, or pass --no-normalize_reward")
+        score_mean, score_std = rm_model.args.score_mean, rm_model.args.score_std
+    else:
+        score_mean, score_std = 0.0, 1.0
+    # semi-rto: which token ids end a segment (a token whose text holds a delimiter character)
+    delim_ids = torch.tensor([any(c in tok.decode([i], skip_special=False) for c in cfg.delimiters)
+                              for i in range(actor.args.vocab_size)], device=D.device)
+
+    total = check_batch(cfg, len(prompts), cfg.rollout_batch_size, cfg.prompts)
+    check_batch(cfg, cfg.rollout_batch_size, cfg.batch_size, "rollout_batch_size")
+    if cfg.rollout_batch_size % cfg.batch_size:
+        raise ValueError(f"rollout_batch_size {cfg.rollout_batch_size} is not a multiple of batch_size {cfg.batch_size}")
+    updates = total * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.batch_size)
+    actor_opt, actor_sched = make_optimizer(actor, cfg.lr, cfg, updates)
+    critic_opt, critic_sched = make_optimizer(critic, cfg.critic_lr, cfg, updates)
+    models, optims, scheds = ({"actor": actor, "critic": critic}, {"actor": actor_opt, "critic": critic_opt},
+                              {"actor": actor_sched, "critic": critic_sched})
+    start = 0
+    if cfg.resume and (ckpt := latest_checkpoint(run_dir)) is not None:
+        start = load_checkpoint(ckpt, models, optims, scheds)
+        print0(f"resumed from {ckpt} at step {start}")
+    logger = Logger(run_dir, start, ["gold", "score", "reward", "kl", "resp_len", "eos_frac", "policy_loss",
+                                     "value_loss", "approx_kl", "clipfrac", "explained_var", "entropy", "tokens_per_s"])
+    bar = tqdm(total=total, initial=start, disable=not (D.main and cfg.progress), desc=cfg.out, leave=False)
+    micro = cfg.micro_batch_size
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        idx = batch_indices(step, len(prompts), cfg.rollout_batch_size, cfg.seed)
+        gen = torch.Generator(device=D.device).manual_seed(seed_for(cfg.seed, step, D.rank))
+
+        # 1. Rollout: sample, then score every response token with the four models (no grad).
+        buf = sample_responses(actor, tok, [prompts[i] for i in idx], cfg, gen)
+        N, P, mask = len(idx), buf["prompt_len"], buf["response_mask"]
+        tokens = buf["input_ids"][:, P:]
+        ended = ((tokens == tok.eos_id) & mask).any(-1)
+        parts = {k: [] for k in ("logp_old", "logp_ref", "logp_dpo", "values_old", "score")}
+        # the update's micro-batches are exactly these rows, so the first minibatch reproduces logp_old bit for bit
+        micro_rows = chunks(list(range(N)), micro)
+        with torch.no_grad():
+            for rows in micro_rows:
+                b = micro_view(buf, rows)
+                parts["logp_old"].append(response_logprobs(actor, b, cfg.temperature))
+                parts["logp_ref"].append(response_logprobs(ref, b, cfg.temperature))
+                if uses_dpo:
+                    parts["logp_dpo"].append(response_logprobs(dpo_model, b, cfg.temperature))
+                if uses_rm:
+                    parts["score"].append(scores(rm_model)(b))
+                parts["values_old"].append(critic(b["input_ids"], b["attention_mask"])[:, P - 1:-1].float())
+        buf.update({k: torch.cat(v) for k, v in parts.items() if v})
+        raw_score = buf.get("score")
+        score = rm_math.normalize_score(raw_score, score_mean, score_std, cfg.reward_clip) if uses_rm else None
+
+        # 2. The dense token reward (rto.py), GAE, advantages whitened over the whole rollout (all ranks).
+        rewards, comp = rto.dense_rewards(
+            cfg.algo, logp=buf["logp_old"], logp_ref=buf["logp_ref"], mask=mask, rm_score=score,
+            logp_dpo=buf.get("logp_dpo"), delimiter_mask=delim_ids[tokens] & mask, ended=ended,
+            beta1=cfg.beta1, dpo_clip=cfg.dpo_clip, beta2=cfg.beta2, beta3=cfg.beta3,
+            kl_estimator=cfg.kl_estimator, no_eos_penalty=cfg.no_eos_penalty)
+        adv, buf["returns"] = ppo_math.gae(rewards, buf["values_old"], mask, cfg.gamma, cfg.lam)
+        buf["advantages"] = ppo_math.masked_whiten(adv, mask)
+
+        # 3. PPO epochs: minibatches of whole micro-batches in a seeded order.
+        actor.train(), critic.train()
+        per_mb = cfg.batch_size // D.world // micro  # micro-batches per minibatch on this rank
+        stats, first_dev = {}, None
+        for epoch in range(cfg.ppo_epochs):
+            order = np.random.default_rng(seed_for(cfg.seed, step, epoch)).permutation(len(micro_rows))
+            for m0 in range(0, len(order), per_mb):
+                group = [micro_rows[j] for j in order[m0:m0 + per_mb]]
+                for k, rows in enumerate(group):
+                    for mdl in (actor, critic):
+                        if hasattr(mdl, "set_requires_gradient_sync"):
+                            mdl.set_requires_gradient_sync(k == len(group) - 1)
+                    b = micro_view(buf, rows)
+                    logp, ent = response_logprobs(actor, b, cfg.temperature, entropy=True)
+                    pl, pst = ppo_math.policy_loss(logp, b["logp_old"], b["advantages"], b["response_mask"], cfg.clip_eps)
+                    (pl / len(group)).backward()
+                    values = critic(b["input_ids"], b["attention_mask"])[:, P - 1:-1].float()
+                    vl, vst = ppo_math.value_loss(values, b["values_old"], b["returns"], b["response_mask"],
+                                                  cfg.value_clip)
+                    (vl / len(group)).backward()
+                    if first_dev is None:  # on-policy check: must be exactly 0 (no dropout, fp32 log-softmax)
+                        first_dev = float((logp - b["logp_old"]).abs().masked_fill(~b["response_mask"], 0).max())
+                    for key, v in {"policy_loss": pl, "value_loss": vl, **pst, **vst,
+                                   "entropy": ppo_math.masked_mean(ent, b["response_mask"])}.items():
+                        stats.setdefault(key, []).append(float(v))
+                clip_and_step(actor, actor_opt, actor_sched, cfg.grad_clip)
+                clip_and_step(critic, critic_opt, critic_sched, cfg.grad_clip)
+
+        # 4. Metrics: per-sequence sums averaged over every rank's responses.
+        seq = {"score": raw_score if uses_rm else torch.zeros(N, device=D.device),
+               "reward": ppo_math.masked_sum(rewards, mask, -1), "kl": ppo_math.masked_sum(comp["kl"], mask, -1),
+               "dpo_reward": ppo_math.masked_sum(comp["dpo"], mask, -1), "resp_len": mask.sum(-1).float(),
+               "eos_frac": ended.float()}
+        if gold is not None:
+            texts = [tok.decode(tokens[r][mask[r]].tolist()) for r in range(N)]
+            seq["gold"] = torch.tensor([gold(prompt_rows[i].prompt, t) for i, t in zip(idx, texts)], device=D.device)
+        metrics = reduce_metrics({k: float(v.sum()) for k, v in seq.items()}, N)
+        metrics.update(reduce_metrics({k: float(np.mean(v)) for k, v in stats.items()}, 1))
+        metrics["explained_var"] = reduce_metrics({"ev": ppo_math.explained_variance(
+            buf["values_old"], buf["returns"], mask)}, 1)["ev"]
+        metrics["first_logp_dev"] = float(all_sum(torch.tensor(first_dev)))  # exactly 0 when on-policy
+        metrics["tokens_per_s"] = float(all_sum(buf["attention_mask"].sum().float().cpu())) / (time.perf_counter() - t0)
+        logger.log(step + 1, metrics)
+        bar.update(1)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
+            save_checkpoint(run_dir, step + 1, models, optims, scheds, cfg)
+    bar.close()
+    export_hf(actor, tok, run_dir / "final", cfg)
+    return run_dir / "final"
+
+
+# ==========================================================================================================
+# Evaluation and the built-in task: `python train.py` runs everything above on a task whose true per-token
+# reward is known (data.WordTask), so each policy is judged against the truth, not only against its own RM.
+
+
+@torch.no_grad()
+def evaluate(policy_dir: Path, ref: Llama, tok: Tokenizer, prompt_rows, cfg: PPOConfig, gold=None, rm_model=None):
+    """Sample one response per prompt (seeded) from the policy; per prompt: gold reward, RM score and the
+    sequence KL sum_h log(pi/pi_ref)(y_h) on the policy's own samples. Prompts are split over ranks."""
+    policy = frozen(shard(load_model(str(policy_dir), "lm", tok=tok), cfg))
+    n = len(prompt_rows)
+    mine = list(range(D.rank, n, D.world))
+    mine += mine[:1] * (math.ceil(n / D.world) - len(mine))  # equal work per rank (FSDP), duplicates dropped below
+    out = {k: torch.zeros(n, dtype=torch.float64, device=D.device) for k in ("gold", "score", "kl", "len")}
+    gen = torch.Generator(device=D.device).manual_seed(seed_for(cfg.seed, 10**6, D.rank))
+    prompts = [tok.encode_prompt(prompt_rows[i].prompt, cfg.max_prompt_len) for i in mine]
+    buf = sample_responses(policy, tok, prompts, cfg, gen)
+    P, mask = buf["prompt_len"], buf["response_mask"]
+    seen = set()
+    for rows in chunks(list(range(len(mine))), cfg.micro_batch_size):
+        b = micro_view(buf, rows)
+        kl = ppo_math.masked_sum(response_logprobs(policy, b, cfg.temperature)
+                                 - response_logprobs(ref, b, cfg.temperature), b["response_mask"], -1)
+        sc = scores(rm_model)(b) if rm_model is not None else torch.zeros(len(rows), device=D.device)
+        for j, r in enumerate(rows):
+            i = mine[r]
+            if i in seen:
+                continue
+            seen.add(i)
+            text = tok.decode(buf["input_ids"][r, P:][mask[r]].tolist())
+            out["gold"][i] = gold(prompt_rows[i].prompt, text) if gold else 0.0
+            out["score"][i], out["kl"][i], out["len"][i] = sc[j], kl[j], mask[r].sum()
+    del policy
+    return {k: all_sum(v).cpu() for k, v in out.items()}
+
+
+@dataclass
+class PipelineConfig:
+    """`python train.py` / `python train.py all`: every stage on the built-in WordTask, then a results table."""
+    out: str = F("runs/demo", "run directory: data/, tokenizer/, sft/, dpo/, rm/, <algo>/, results.md")
+    seed: int = F(0, "seeds the task, the data and every stage")
+    algos: str = F("ppo,rto", f"comma-separated PPO variants to train and compare, from {','.join(rto.ALGOS)}")
+    device: str = F("auto", "auto | cpu | cuda")
+    preset: str = F("tiny", "model.py preset of the policy trained from scratch")
+    n_sft: int = F(4096, "SFT demonstrations (neutral responses)")
+    n_pref: int = F(4096, "preference pairs labelled by Bradley-Terry on the gold reward")
+    n_prompts: int = F(2048, "PPO training prompts")
+    n_eval: int = F(256, "held-out prompts and preference pairs")
+    sft_epochs: int = F(3, "SFT passes over the demonstrations")
+    pref_epochs: int = F(2, "DPO and RM passes over the pairs")
+    ppo_steps: int = F(40, "PPO rollouts per algorithm")
+    progress: bool = F(True, "show tqdm bars")
+
+
+def stage_configs(pc: PipelineConfig, data: dict, tok_dir: Path):
+    """The hyper-parameters of the built-in task: a 2-layer model learns in seconds, so learning rates are far
+    above the paper's 8B values (5e-7 actor, 9e-6 critic); everything RTO-specific keeps the reference values."""
+    out = Path(pc.out)
+    common = dict(seed=pc.seed, device=pc.device, progress=pc.progress, max_prompt_len=16, max_response_len=16)
+    sft = SFTConfig(**common, out=str(out / "sft"), data=str(data["sft"]), tokenizer=str(tok_dir), preset=pc.preset,
+                    lr=3e-3, batch_size=64, micro_batch_size=64, epochs=pc.sft_epochs)
+    pref = dict(common, data=str(data["prefs"]), eval_data=str(data["eval_prefs"]), model=str(out / "sft" / "final"),
+                batch_size=64, micro_batch_size=64, epochs=pc.pref_epochs)
+    dpo_cfg = DPOConfig(**pref, out=str(out / "dpo"), lr=1e-3, beta=0.1)
+    rm_cfg = RMConfig(**pref, out=str(out / "rm"), lr=1e-3)
+    ppo_cfgs = {algo: PPOConfig(**common, out=str(out / algo), algo=algo, prompts=str(data["prompts"]),
+                                policy=str(out / "sft" / "final"), dpo=str(out / "dpo" / "final"),
+                                rm=str(out / "rm" / "final"), lr=3e-4, critic_lr=1e-3, rollout_batch_size=64,
+                                batch_size=32, micro_batch_size=32, max_steps=pc.ppo_steps)
+                for algo in pc.algos.split(",")}
+    return sft, dpo_cfg, rm_cfg, ppo_cfgs
+
+
+def run_all(pc: PipelineConfig):
+    out = Path(pc.out)
+    print0("== PipelineConfig\n" + config_json(pc))
+    for algo in pc.algos.split(","):
+        if algo not in rto.ALGOS:
+            raise ValueError(f"--algos: unknown {algo!r}; choose from {rto.ALGOS}")
+    task = WordTask(seed=pc.seed)
+    data = {k: out / "data" / f"{k}.jsonl" for k in ("sft", "prefs", "prompts", "eval_prefs", "eval_prompts")}
+    if D.main:
+        task.write_data(out / "data", pc.n_sft, pc.n_pref, pc.n_prompts, pc.n_eval, rng_seed=pc.seed)
+        train_tokenizer(task.corpus(), vocab_size=512).save(out / "tokenizer")
+    barrier()
+    sft_cfg, dpo_cfg, rm_cfg, ppo_cfgs = stage_configs(pc, data, out / "tokenizer")
+    t0 = time.perf_counter()
+    policies = {"sft": run_sft(sft_cfg), "dpo": run_dpo(dpo_cfg)}
+    run_rm(rm_cfg)
+    for algo, cfg in ppo_cfgs.items():
+        policies[algo] = run_ppo(cfg, gold=task.gold_reward)
+    train_s = time.perf_counter() - t0
+
+    # Judge every policy on the held-out prompts against the gold reward.
+    eval_cfg = next(iter(ppo_cfgs.values()))
+    tok = Tokenizer.from_dir(policies["sft"])
+    ref = frozen(shard(load_model(str(policies["sft"]), "lm", tok=tok), eval_cfg))
+    rm_model = frozen(shard(load_model(str(out / "rm" / "final"), "score", tok=tok), eval_cfg))
+    rows = read_prompts(data["eval_prompts"])
+    res = {name: evaluate(path, ref, tok, rows, eval_cfg, task.gold_reward, rm_model) for name, path in policies.items()}
+    rm_eval = json.loads((out / "rm" / "eval.json").read_text())
+    dpo_eval = json.loads((out / "dpo" / "eval.json").read_text())
+    table = ["| policy | gold reward | win rate vs SFT (gold) | RM score | KL to SFT | response length |",
+             "|---|---|---|---|---|---|"]
+    summary = {}
+    for name, r in res.items():
+        diff = r["gold"] - res["sft"]["gold"]
+        win = ((diff > 0).double() + 0.5 * (diff == 0).double()).mean().item()
+        summary[name] = {"gold": r["gold"].mean().item(), "win_vs_sft": win, "rm_score": r["score"].mean().item(),
+                         "kl": r["kl"].mean().item(), "len": r["len"].mean().item()}
+        s = summary[name]
+        table.append(f"| {name} | {s['gold']:.3f} | {s['win_vs_sft']:.3f} | {s['rm_score']:.3f} | {s['kl']:.3f} "
+                     f"| {s['len']:.2f} |")
+    notes = [f"reward model accuracy on {pc.n_eval} held-out pairs: {rm_eval['eval_accuracy']:.3f}",
+             f"DPO implicit-reward accuracy on the same pairs: {dpo_eval['eval_accuracy']:.3f}",
+             f"training time (all stages, {D.world} process{'es' if D.world > 1 else ''}): {train_s:.0f} s"]
+    text = "\n".join(table + [""] + notes) + "\n"
+    print0("\n" + text)
+    if D.main:
+        (out / "results.md").write_text(text)
+        write_json(out / "results.json", {"policies": summary, "rm": rm_eval, "dpo": dpo_eval, "train_seconds": train_s})
+    return summary
+
+
+# ==========================================================================================================
+# Talk to a checkpoint
+
+
+@dataclass
+class SampleConfig:
+    model: str = F("", "HF-format Llama directory with tokenizer.json (any stage's final/, or a downloaded model)")
+    prompt: list = F([], "prompt text (repeat --prompt for several)")
+    n: int = F(1, "completions per prompt")
+    max_new_tokens: int = F(128, "tokens to generate at most")
+    temperature: float = F(0.7, "sampling temperature (0 = greedy)")
+    top_k: int = F(0, "sample from the k most likely tokens (0: all)")
+    top_p: float = F(0.95, "nucleus sampling mass")
+    seed: int = F(0, "sampling seed")
+    device: str = F("auto", "auto | cpu | cuda")
+    bf16: bool = F(False, "load the weights in bf16")
+
+
+@torch.no_grad()
+def run_sample(cfg: SampleConfig):
+    if not cfg.model or not cfg.prompt:
+        raise ValueError("give --model DIR and at least one --prompt TEXT")
+    tok = Tokenizer.from_dir(cfg.model)
+    model = Llama.from_pretrained(cfg.model, device=D.device, dtype=torch.bfloat16 if cfg.bf16 else None).eval()
+    prompts = [tok.encode_prompt([{"role": "user", "content": p}], model.args.max_seq_len) for p in cfg.prompt
+               for _ in range(cfg.n)]
+    ids, mask = pad_left(prompts, tok.pad_id)
+    gen = torch.Generator(device=D.device).manual_seed(cfg.seed)
+    toks, tmask = generate(model, ids.to(D.device), mask.to(D.device), cfg.max_new_tokens, eos_id=tok.eos_id,
+                           pad_id=tok.pad_id, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                           generator=gen)
+    for k, p in enumerate(prompts):
+        print(f"--- {cfg.prompt[k // cfg.n]!r} ({'chat template' if tok.chat else 'plain format'})")
+        print(tok.decode(toks[k][tmask[k]].tolist()))
+
+
+# ==========================================================================================================
+# Command line: `train.py STAGE --field value ...`, fields straight from the dataclasses above.
+
+STAGES = {"all": (PipelineConfig, run_all), "sft": (SFTConfig, run_sft), "dpo": (DPOConfig, run_dpo),
+          "rm": (RMConfig, run_rm), "ppo": (PPOConfig, run_ppo), "sample": (SampleConfig, run_sample)}
+
+
+def parse_args(argv: list[str]):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="stage")
+    for name, (cls, _) in STAGES.items():
+        p = sub.add_parser(name, help=(cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else None,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        for f in dataclasses.fields(cls):
+            f_help = f.metadata.get("help", "").replace("%", "%%")
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if f.type in ("bool", bool):
+                p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default,
+                               help=f_help)
+            elif f.type in ("list", list):
+                p.add_argument(f"--{f.name}", action="append", default=None, help=f_help)
+            else:
+                typ = {"int": int, "float": float, "str": str}.get(f.type, type(default))
+                p.add_argument(f"--{f.name}", type=typ, default=default, help=f_help)
+    ns = parser.parse_args(argv or ["all"])
+    cls, fn = STAGES[ns.stage or "all"]
+    kwargs = {k: v for k, v in vars(ns).items() if k != "stage" and v is not None}
+    return cls(**kwargs), fn
+
+
+def main(argv=None):
+    global D
+    cfg, fn = parse_args(sys.argv[1:] if argv is None else argv)
+    D = init_dist(cfg.device)
+    try:
+        torch.manual_seed(getattr(cfg, "seed", 0))
+        fn(cfg)
+    finally:
+        close_dist()
+
+
+if __name__ == "__main__":
+    main()
