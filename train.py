@@ -496,7 +496,7 @@ def fit(cfg: Config, run_dir: Path, model: Llama, n: int, units, loss_fn, keys: 
             loss_sum, metric_sums, n_tok = loss_fn(mb)
             # FSDP averages gradients over ranks, so scale by world: the result is the global per-unit mean
             (loss_sum * D.world / global_units).backward()
-            sums["loss"] = sums.get("loss", 0.0) + float(loss_sum)
+            sums["loss"] = sums.get("loss", 0.0) + float(loss_sum.detach())
             for k2, v in metric_sums.items():
                 sums[k2] = sums.get(k2, 0.0) + float(v)
             tokens += n_tok
@@ -778,7 +778,7 @@ def run_ppo(cfg: PPOConfig, gold=None) -> Path:
                                                   cfg.value_clip)
                     (vl / len(group)).backward()
                     if first_dev is None:  # on-policy check: must be exactly 0 (no dropout, fp32 log-softmax)
-                        first_dev = float((logp - b["logp_old"]).abs().masked_fill(~b["response_mask"], 0).max())
+                        first_dev = float((logp.detach() - b["logp_old"]).abs().masked_fill(~b["response_mask"], 0).max())
                     for key, v in {"policy_loss": pl, "value_loss": vl, **pst, **vst,
                                    "entropy": ppo_math.masked_mean(ent, b["response_mask"])}.items():
                         stats.setdefault(key, []).append(float(v))
@@ -1004,7 +1004,7 @@ def main(argv=None):
     D = init_dist(cfg.device)
     try:
         torch.manual_seed(getattr(cfg, "seed", 0))
-        fn(cfg)
+        return fn(cfg)
     finally:
         close_dist()
 

@@ -1,0 +1,510 @@
+"""train.py end to end: torchrun smoke runs, 1-process vs 2-process equivalence, kill-and-resume, and
+interrupted checkpoint saves.
+
+Every comparison is against an independent run (or a copy taken before the fact), never against numbers
+captured from an earlier run. Everything runs on CPU with tiny budgets; the inputs (data, tokenizer, SFT,
+DPO and RM checkpoints) are built once per session by `train.py all`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 300  # seconds, for any one subprocess (a 2-process stage takes ~12 s on 2 busy cores)
+
+# One thread per process: 2 cores, up to 3 processes at once. Drop any torchrun variables of an outer launcher
+# so a plain `python train.py` really is a single process.
+ENV = {k: v for k, v in os.environ.items()
+       if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+       and not k.startswith("TORCHELASTIC")}
+ENV["OMP_NUM_THREADS"] = "1"
+
+SHAPE = ["--max_prompt_len", "16", "--max_response_len", "16", "--no-progress"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(nproc: int, stage: str, *args) -> list[str]:
+    if nproc == 1:
+        launcher = [sys.executable, "train.py"]
+    else:
+        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                    f"--master_port={free_port()}", "train.py"]
+    return launcher + [stage, *map(str, args)]
+
+
+def start(cmd: list[str], log: Path, **kw) -> subprocess.Popen:
+    """Launch cmd from the repository root; stdout+stderr go to `log` (a file: no pipe can fill up)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    f = open(log, "w")
+    p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT, **kw)
+    p._log_file, p._log, p._cmd = f, log, cmd
+    return p
+
+
+def finish(p: subprocess.Popen, timeout: float = TIMEOUT) -> str:
+    """Wait for p (killing it on timeout), assert it exited 0, return its output."""
+    try:
+        p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        raise
+    finally:
+        p._log_file.close()
+    out = p._log.read_text()
+    assert p.returncode == 0, f"{' '.join(p._cmd)} exited {p.returncode}:\n{out[-6000:]}"
+    return out
+
+
+def run(cmd: list[str], log: Path, timeout: float = TIMEOUT) -> str:
+    return finish(start(cmd, log), timeout)
+
+
+def run_parallel(cmds: list[tuple[list[str], Path]], timeout: float = TIMEOUT) -> list[str]:
+    """Independent runs at the same time (most of a run is process start-up and gloo waits)."""
+    procs = [start(c, log) for c, log in cmds]
+    try:
+        return [finish(p, timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def by_step(rows: list[dict]) -> dict[int, dict]:
+    steps = [r["step"] for r in rows]
+    assert len(steps) == len(set(steps)), f"duplicate metrics rows: steps {steps}"
+    return {r["step"]: r for r in rows}
+
+
+def safetensors_weights(final: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    sd = {}
+    for f in sorted(final.glob("*.safetensors")):
+        sd.update(load_file(str(f)))
+    assert sd, f"no safetensors in {final}"
+    return sd
+
+
+def complete_checkpoints(out: Path) -> list[int]:
+    return sorted(int(p.name[len("step_"):]) for p in (out / "checkpoints").glob("step_*")
+                  if not p.name.endswith(".tmp"))
+
+
+def children(pid: int) -> list[int]:
+    """Direct child processes of pid (Linux /proc)."""
+    kids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(d.name))
+    return kids
+
+
+def run_until_checkpoint_then_kill(cmd: list[str], out: Path, log: Path, timeout: float = TIMEOUT) -> list[int]:
+    """Start cmd, wait until <out>/checkpoints holds a complete checkpoint, SIGKILL every process of the run
+    (torchrun starts its workers in sessions of their own, so they are killed by pid, before the launcher).
+    Returns the complete checkpoint steps seen right after the kill. Fails if the run ended on its own."""
+    p = start(cmd, log)
+    deadline = time.monotonic() + timeout
+    try:
+        while not complete_checkpoints(out):
+            assert p.poll() is None, f"run exited ({p.returncode}) before its first checkpoint:\n{log.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, "no checkpoint before the timeout"
+            time.sleep(0.01)
+        for pid in children(p.pid) + [p.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        p._log_file.close()
+    # the kill must have interrupted the run: a run that completed on its own proves nothing about resuming
+    assert p.returncode == -signal.SIGKILL, f"run was not killed (exit {p.returncode}):\n{log.read_text()[-4000:]}"
+    assert not (out / "final").exists(), "the run had already finished when it was killed"
+    time.sleep(0.5)  # let any orphan a kill could have missed show itself by writing on
+    return complete_checkpoints(out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# session inputs: data, tokenizer, SFT/DPO/RM checkpoints; plus a policy whose greedy answers vary in length
+
+# Each topic's one fixed response, of a different length. The built-in task's responses are uniformly random
+# words, so a policy SFT'd on them answers EOS first under greedy decoding (--top_k 1): every PPO response would
+# be one token and the policy loss ~0. A policy that memorised these answers greedily writes 4, 7, 10 or 13
+# tokens: real responses, a non-trivial loss, and still deterministic whatever the per-rank RNG.
+MEMO = {"rain": "calm new light", "cats": "dirty calm wet full kind happy",
+        "music": "dark late brave red sour poor dull blue tiny",
+        "ships": "blue red fast red brave small poor blue tiny kind happy new"}
+
+
+@pytest.fixture(scope="session")
+def inputs(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("inputs")
+    run(command(1, "all", "--out", base, "--n_sft", 256, "--n_pref", 256, "--n_prompts", 128, "--n_eval", 32,
+                "--sft_epochs", 1, "--pref_epochs", 1, "--ppo_steps", 1, "--algos", "rto", "--no-progress"),
+        base / "all.log")
+    for p in ("data/sft.jsonl", "data/prefs.jsonl", "data/prompts.jsonl", "tokenizer/tokenizer.json",
+              "sft/final/config.json", "dpo/final/config.json", "rm/final/config.json"):
+        assert (base / p).is_file(), p
+    with open(base / "data" / "memo.jsonl", "w") as f:
+        for i in range(256):
+            topic = list(MEMO)[i % 4]
+            f.write(json.dumps({"prompt": f"topic {topic}", "response": MEMO[topic]}) + "\n")
+    run(command(1, "sft", "--data", base / "data" / "memo.jsonl", "--tokenizer", base / "tokenizer",
+                "--out", base / "memo", "--batch_size", 64, "--micro_batch_size", 64, "--max_steps", 30,
+                "--lr", 3e-3, *SHAPE), base / "memo.log")
+    return base
+
+
+def stage_args(stage: str, inp: Path, out: Path) -> list:
+    """The tiny configuration of each stage used by the smoke and equivalence tests (3 optimizer steps of a
+    32-example global batch: 2 micro-batches of 8 per rank on 2 processes, 4 on one)."""
+    d = inp / "data"
+    common = ["--out", out, "--max_steps", 3, "--batch_size", 32, "--micro_batch_size", 8, *SHAPE]
+    if stage == "sft":  # from scratch: a new model sized to the tokenizer
+        return ["--data", d / "sft.jsonl", "--tokenizer", inp / "tokenizer", "--lr", 1e-3, *common]
+    if stage in ("dpo", "rm"):
+        return ["--data", d / "prefs.jsonl", "--eval_data", d / "eval_prefs.jsonl", "--model", inp / "sft" / "final",
+                "--lr", 1e-3, *common]
+    if stage == "ppo":  # --top_k 1: greedy, so both runs sample the same responses whatever each rank's RNG;
+        # rollout == batch: one rollout is one minibatch in both runs (no per-rank minibatch composition)
+        return ["--algo", "rto", "--prompts", d / "prompts.jsonl", "--policy", inp / "memo" / "final",
+                "--dpo", inp / "dpo" / "final", "--rm", inp / "rm" / "final", "--rollout_batch_size", 32,
+                "--top_k", 1, "--lr", 3e-4, "--critic_lr", 1e-3, *common]
+    raise ValueError(stage)
+
+
+STAGES = ["sft", "dpo", "rm", "ppo"]
+
+
+@pytest.fixture(scope="session")
+def stage_runs(inputs, tmp_path_factory):
+    """stage -> (1-process run dir, 2-process run dir), the two runs made side by side on first use."""
+    root, cache = tmp_path_factory.mktemp("stages"), {}
+
+    def get(stage: str) -> tuple[Path, Path]:
+        if stage not in cache:
+            one, two = root / f"{stage}_1proc", root / f"{stage}_2proc"
+            run_parallel([(command(1, stage, *stage_args(stage, inputs, one)), root / f"{stage}_1proc.log"),
+                          (command(2, stage, *stage_args(stage, inputs, two)), root / f"{stage}_2proc.log")])
+            cache[stage] = one, two
+        return cache[stage]
+
+    return get
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. torchrun smoke run of every stage
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_torchrun_two_processes_smoke(stage, stage_runs):
+    _, out = stage_runs(stage)
+    final = out / "final"
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "train_config.json"):
+        assert (final / f).is_file(), f"{final / f} missing"
+    cfg = json.loads((final / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForSequenceClassification" if stage == "rm" else "LlamaForCausalLM"]
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]  # one row per optimizer step, written once (rank 0 only)
+    keys = ["policy_loss", "value_loss", "score", "kl", "first_logp_dev"] if stage == "ppo" else ["loss", "grad_norm"]
+    for r in rows:
+        for k in keys:
+            assert k in r and math.isfinite(r[k]), (r["step"], k, r.get(k))
+    if stage == "ppo":  # on-policy check: the first minibatch's log-probs reproduce the rollout's bit for bit
+        assert all(r["first_logp_dev"] == 0.0 for r in rows)
+        assert all(r["resp_len"] > 1 for r in rows)  # real responses (see MEMO), not a lone EOS
+    if stage == "rm":
+        assert cfg.get("rto_score_std") is not None and cfg["rto_score_std"] > 0  # stored for PPO's normalisation
+    if stage in ("dpo", "rm"):
+        assert (out / "eval.json").is_file()
+    train_cfg = json.loads((final / "train_config.json").read_text())
+    assert train_cfg["max_steps"] == 3 and train_cfg["batch_size"] == 32
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. 2 processes == 1 process on the same global batch
+
+# Tolerance: the two runs do the same arithmetic except for the order of float32 summations (FSDP's
+# reduce-scatter of gradients, per-rank partial sums of the loss, foreach vs per-parameter AdamW) and
+# per-batch padding widths. Measured on CPU: the losses of steps 1-3 agree to ~1e-7 relative for every stage,
+# PPO's kl (a small difference of log-probs, exactly 0 at step 1) to ~3e-8 absolute. rel 1e-5 is 100x that
+# margin; a real bug (a batch seen twice, a gradient averaged over the wrong count, a rank sampling other
+# prompts) moves these numbers by 1e-3 or more. abs 1e-6 only matters for the values near 0.
+REL, ABS = 1e-5, 1e-6
+COMPARED = {"sft": ["loss"], "dpo": ["loss", "accuracy", "margin"], "rm": ["loss", "accuracy", "margin"],
+            "ppo": ["policy_loss", "value_loss", "score", "kl", "resp_len"]}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_two_processes_match_one(stage, stage_runs):
+    one, two = stage_runs(stage)
+    a, b = by_step(metrics(one)), by_step(metrics(two))
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in (1, 2, 3):
+        for k in COMPARED[stage]:
+            assert math.isclose(a[step][k], b[step][k], rel_tol=REL, abs_tol=ABS), \
+                f"{stage} step {step} {k}: 1 process {a[step][k]!r} vs 2 processes {b[step][k]!r}"
+    if stage == "ppo":  # the metrics are those of a policy that learns: they move between steps
+        assert len({round(a[s]["resp_len"], 6) for s in (1, 2, 3)}) > 1 or a[3]["kl"] != 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. kill and resume, one process: exact reproduction on CPU
+
+
+def test_sft_kill_and_resume_is_exact(inputs, tmp_path):
+    # 64 examples per step in micro-batches of 16 (a few hundred ms a step), so the run is still going well
+    # after its first checkpoint at step 3 of 12.
+    def args(out):
+        return ["--data", inputs / "data" / "sft.jsonl", "--tokenizer", inputs / "tokenizer", "--out", out,
+                "--max_steps", 12, "--save_every", 3, "--batch_size", 64, "--micro_batch_size", 16, "--lr", 1e-3,
+                "--epochs", 1, *SHAPE]
+
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    p_ref = start(command(1, "sft", *args(ref)), tmp_path / "ref.log")  # the uninterrupted run, alongside
+    try:
+        ckpts = run_until_checkpoint_then_kill(command(1, "sft", *args(out)), out, tmp_path / "killed.log")
+    finally:
+        finish(p_ref)
+    assert ckpts and max(ckpts) < 12
+    assert len(metrics(out)) < 12  # the kill cut the run short
+    log = run(command(1, "sft", *args(out), "--resume"), tmp_path / "resumed.log")
+    assert f"at step {max(ckpts)}" in log  # resumed from the newest complete checkpoint
+    # Exact (==), every step: same batches (derived from (seed, step)), same optimizer/scheduler state.
+    # NOTE: fails with train.py as of this writing: Logger drops the row of the checkpoint's own step on resume
+    # (keeps r["step"] < resume_step; must be <=). See the report.
+    got, want = by_step(metrics(out)), by_step(metrics(ref))
+    assert sorted(want) == list(range(1, 13))
+    assert sorted(got) == sorted(want), f"steps after resume: {sorted(got)}"
+    for s in want:
+        assert got[s]["loss"] == want[s]["loss"], f"step {s}: {got[s]['loss']!r} != {want[s]['loss']!r}"
+    wa, wb = safetensors_weights(out / "final"), safetensors_weights(ref / "final")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_ppo_kill_and_resume_is_exact(inputs, tmp_path):
+    # Sampling is stochastic here (no --top_k): the resumed run must re-derive each step's generator.
+    # Two minibatches per rollout (64 / 32), so the schedulers have stepped twice per PPO step.
+    def args(out):
+        return ["--algo", "rto", "--prompts", inputs / "data" / "prompts.jsonl", "--policy", inputs / "sft" / "final",
+                "--dpo", inputs / "dpo" / "final", "--rm", inputs / "rm" / "final", "--out", out,
+                "--max_steps", 5, "--save_every", 2, "--rollout_batch_size", 64, "--batch_size", 32,
+                "--micro_batch_size", 16, "--lr", 3e-4, "--critic_lr", 1e-3, *SHAPE]
+
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    p_ref = start(command(1, "ppo", *args(ref)), tmp_path / "ref.log")
+    try:
+        ckpts = run_until_checkpoint_then_kill(command(1, "ppo", *args(out)), out, tmp_path / "killed.log")
+    finally:
+        finish(p_ref)
+    assert ckpts and max(ckpts) < 5
+    log = run(command(1, "ppo", *args(out), "--resume"), tmp_path / "resumed.log")
+    assert f"at step {max(ckpts)}" in log
+    # NOTE: fails with train.py as of this writing (Logger drops the checkpoint step's row; see the report).
+    got, want = by_step(metrics(out)), by_step(metrics(ref))
+    assert sorted(want) == [1, 2, 3, 4, 5]
+    assert sorted(got) == sorted(want), f"steps after resume: {sorted(got)}"
+    for s in want:
+        for k in ("policy_loss", "value_loss", "score", "kl", "resp_len"):
+            assert got[s][k] == want[s][k], f"step {s} {k}: {got[s][k]!r} != {want[s][k]!r}"
+    wa, wb = safetensors_weights(out / "final"), safetensors_weights(ref / "final")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. an interrupted save leaves the previous checkpoint loadable
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def tiny_state(run_dir: Path):
+    import train
+    from model import Llama, ModelArgs
+
+    torch.manual_seed(0)
+    model = Llama(ModelArgs.preset("tiny"))
+    cfg = train.SFTConfig(out=str(run_dir))
+    opt, sched = train.make_optimizer(model, 1e-3, cfg, total_steps=10)
+    return model, opt, sched, cfg
+
+
+def train_step(model, opt, sched, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.args.vocab_size, (2, 6), generator=g)
+    model(ids).float().pow(2).mean().backward()
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("where", ["dcp.save", "save_rng"])
+def test_interrupted_save_keeps_previous_checkpoint(where, tmp_path, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+
+    import train
+
+    assert train.D.world == 1 and not torch.distributed.is_initialized()
+    model, opt, sched, cfg = tiny_state(tmp_path)
+    for s in range(2):
+        train_step(model, opt, sched, s)
+    state = {"model": model}, {"model": opt}, {"model": sched}
+    train.save_checkpoint(tmp_path, 2, *state, cfg)
+    want_w = {k: v.clone() for k, v in model.state_dict().items()}
+    want_opt = {i: {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()}
+                for i, st in enumerate(opt.state.values())}
+    want_sched = sched.state_dict()
+    for s in range(2, 4):
+        train_step(model, opt, sched, s)
+    assert not torch.equal(model.tok_embeddings.weight, want_w["tok_embeddings.weight"])
+
+    real_save = dcp.save
+    if where == "dcp.save":  # the shards are written, then the process dies before the RNG file and meta.json
+        def boom(*a, **kw):
+            real_save(*a, **kw)
+            raise Boom("killed after the shards")
+        monkeypatch.setattr(dcp, "save", boom)
+    else:
+        def boom(path):
+            raise Boom("killed while writing the RNG state")
+        monkeypatch.setattr(train, "save_rng", boom)
+    with pytest.raises(Boom):
+        train.save_checkpoint(tmp_path, 4, *state, cfg)
+    monkeypatch.undo()
+
+    ckpt = tmp_path / "checkpoints"
+    assert (ckpt / "step_000004.tmp").is_dir()  # the partial save is left behind ...
+    assert any((ckpt / "step_000004.tmp").iterdir()) or where == "save_rng"
+    assert not (ckpt / "step_000004").exists()
+    assert train.latest_checkpoint(tmp_path) == ckpt / "step_000002"  # ... and not picked
+    model2, opt2, sched2, _ = tiny_state(tmp_path)
+    assert train.load_checkpoint(train.latest_checkpoint(tmp_path), {"model": model2}, {"model": opt2},
+                                 {"model": sched2}) == 2
+    for k, v in model2.state_dict().items():
+        assert torch.equal(v, want_w[k]), k
+    got_opt = list(opt2.state.values())
+    assert len(got_opt) == len(want_opt)
+    for i, st in enumerate(got_opt):
+        for k, v in st.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(want_opt[i][k])), (i, k)
+    assert sched2.state_dict()["last_epoch"] == want_sched["last_epoch"] == 2
+    assert sched2.get_last_lr() == want_sched["_last_lr"]
+    assert opt2.param_groups[0]["lr"] == want_sched["_last_lr"][0]
+
+
+def test_latest_checkpoint_ignores_tmp_and_incomplete(tmp_path):
+    import train
+
+    ckpt = tmp_path / "checkpoints"
+    assert train.latest_checkpoint(tmp_path) is None
+    for name, meta in (("step_000002", True), ("step_000004", False), ("step_000006.tmp", True)):
+        (ckpt / name).mkdir(parents=True)
+        if meta:
+            (ckpt / name / "meta.json").write_text(json.dumps({"step": int(name[5:11])}))
+    # step_4 has no meta.json (not written by save_checkpoint: never complete); step_6.tmp was never renamed
+    assert train.latest_checkpoint(tmp_path) == ckpt / "step_000002"
+    (ckpt / "step_000010").mkdir()
+    (ckpt / "step_000010" / "meta.json").write_text("{}")
+    assert train.latest_checkpoint(tmp_path) == ckpt / "step_000010"  # numeric order (zero-padded names)
+
+
+def test_resume_skips_leftover_tmp(inputs, tmp_path):
+    """A run killed mid-save leaves step_N.tmp (with every file, meta.json included, since meta.json is written
+    before the rename) next to the previous complete checkpoint: --resume must use the complete one."""
+    def args(out, steps):
+        return ["--data", inputs / "data" / "sft.jsonl", "--tokenizer", inputs / "tokenizer", "--out", out,
+                "--max_steps", steps, "--save_every", 2, "--batch_size", 32, "--micro_batch_size", 16,
+                "--lr", 1e-3, *SHAPE]
+
+    ref, short = tmp_path / "ref", tmp_path / "short"
+    # The interrupted run is rebuilt by hand from the reference's own step-4 checkpoint, plus a leftover
+    # step_000005.tmp whose shards are cut in half (a kill mid-write).
+    run(command(1, "sft", *args(ref, 6)), tmp_path / "ref.log")
+    assert complete_checkpoints(ref) == [4]  # 2 was replaced by 4; the last step is exported, not checkpointed
+    (short / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ref / "checkpoints" / "step_000004", short / "checkpoints" / "step_000004")
+    leftover = short / "checkpoints" / "step_000005.tmp"
+    shutil.copytree(ref / "checkpoints" / "step_000004", leftover)
+    (leftover / "meta.json").write_text((leftover / "meta.json").read_text().replace('"step": 4', '"step": 5'))
+    for f in leftover.glob("*.distcp"):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # a half-written shard: unloadable
+    log = run(command(1, "sft", *args(short, 6), "--resume"), tmp_path / "short.log")
+    assert "resumed from" in log and "step_000004 at step 4" in log, log[-3000:]
+    got, want = by_step(metrics(short)), by_step(metrics(ref))
+    assert {5, 6} <= set(got)
+    for s in (5, 6):
+        assert got[s]["loss"] == want[s]["loss"], s
+    wa, wb = safetensors_weights(short / "final"), safetensors_weights(ref / "final")
+    assert all(torch.equal(wa[k], wb[k]) for k in wb)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. kill and resume under torchrun
+
+
+def test_torchrun_kill_and_resume(inputs, tmp_path):
+    def args(out):
+        return ["--data", inputs / "data" / "sft.jsonl", "--tokenizer", inputs / "tokenizer", "--out", out,
+                "--max_steps", 8, "--save_every", 2, "--batch_size", 64, "--micro_batch_size", 16, "--lr", 1e-3,
+                *SHAPE]
+
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    p_ref = start(command(2, "sft", *args(ref)), tmp_path / "ref.log")
+    try:
+        ckpts = run_until_checkpoint_then_kill(command(2, "sft", *args(out)), out, tmp_path / "killed.log")
+    finally:
+        finish(p_ref)
+    assert ckpts and max(ckpts) < 8
+    # both ranks' RNG files: the checkpoint was written by 2 processes
+    assert sorted(p.name for p in (out / "checkpoints" / f"step_{max(ckpts):06d}").glob("rng_rank*")) == \
+        ["rng_rank0.safetensors", "rng_rank1.safetensors"]
+    log = run(command(2, "sft", *args(out), "--resume"), tmp_path / "resumed.log")
+    assert f"at step {max(ckpts)}" in log
+    # Tolerance 0: the resumed run does the same arithmetic in the same order as the uninterrupted one (same
+    # world size, same shards, same reduction order), so it reproduces it bit for bit.
+    # NOTE: fails with train.py as of this writing (Logger drops the checkpoint step's row; see the report).
+    got, want = by_step(metrics(out)), by_step(metrics(ref))
+    assert sorted(want) == list(range(1, 9))
+    assert sorted(got) == sorted(want), f"steps after resume: {sorted(got)}"
+    for s in want:
+        assert got[s]["loss"] == want[s]["loss"], f"step {s}: {got[s]['loss']!r} != {want[s]['loss']!r}"
+    wa, wb = safetensors_weights(out / "final"), safetensors_weights(ref / "final")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

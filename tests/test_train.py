@@ -1,0 +1,123 @@
+"""train.py, single process: every stage runs, the on-policy check holds, the RM reads the EOS, runs are seeded,
+bad configurations are refused, and on the built-in task the pipeline learns."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from data import Tokenizer
+from model import Llama, ModelArgs
+
+TINY = ["--n_sft", "256", "--n_pref", "256", "--n_prompts", "128", "--n_eval", "32", "--sft_epochs", "1",
+        "--pref_epochs", "1", "--ppo_steps", "2", "--no-progress"]
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory):
+    """The whole pipeline with a tiny budget and every PPO variant: data, tokenizer and all checkpoints."""
+    out = tmp_path_factory.mktemp("pipeline")
+    summary = train.main(["all", "--out", str(out), "--algos", "ppo,rto,semi-rto,dpo-only", *TINY])
+    return out, summary
+
+
+def ppo_args(out, run, *extra):
+    return ["ppo", "--out", str(run), "--prompts", str(out / "data" / "prompts.jsonl"),
+            "--policy", str(out / "sft" / "final"), "--dpo", str(out / "dpo" / "final"), "--rm", str(out / "rm" / "final"),
+            "--max_prompt_len", "16", "--max_response_len", "16", "--lr", "1e-3", "--no-progress", *extra]
+
+
+def test_all_stages_write_hf_checkpoints_and_a_table(pipeline):
+    out, summary = pipeline
+    assert set(summary) == {"sft", "dpo", "ppo", "rto", "semi-rto", "dpo-only"}
+    for stage in ("sft", "dpo", "rm", "ppo", "rto", "semi-rto", "dpo-only"):
+        final = out / stage / "final"
+        for f in ("config.json", "model.safetensors", "tokenizer.json", "train_config.json"):
+            assert (final / f).is_file(), final / f
+        assert json.loads((final / "train_config.json").read_text())["out"] == str(out / stage)
+        Llama.from_pretrained(final)  # strict load of what we wrote
+    assert len(metrics(out / "sft")) == 256 // 64 and len(metrics(out / "rto")) == 2
+    assert "| rto |" in (out / "results.md").read_text()
+    # the RM checkpoint carries the score statistics PPO normalises with
+    rm_cfg = json.loads((out / "rm" / "final" / "config.json").read_text())
+    assert rm_cfg["architectures"] == ["LlamaForSequenceClassification"] and rm_cfg["rto_score_std"] > 0
+    # the first PPO step starts from the SFT policy: KL to the reference is exactly 0 on that rollout
+    assert metrics(out / "ppo")[0]["kl"] == 0.0
+
+
+def test_first_minibatch_is_exactly_on_policy(pipeline, tmp_path):
+    """ratio == 1 (log-prob difference exactly 0) on the first minibatch of every rollout, while later
+    minibatches of the same rollout have moved (so the check can fail)."""
+    out, _ = pipeline
+    train.main(ppo_args(out, tmp_path / "r", "--max_steps", "3", "--rollout_batch_size", "64", "--batch_size", "16",
+                        "--micro_batch_size", "8", "--ppo_epochs", "2"))
+    rows = metrics(tmp_path / "r")
+    assert [r["first_logp_dev"] for r in rows] == [0.0, 0.0, 0.0]
+    assert all(r["approx_kl"] > 0 and r["ratio_max"] != 1.0 for r in rows)
+
+
+def test_ppo_is_seeded(pipeline, tmp_path):
+    out, _ = pipeline
+    for run in ("a", "b"):
+        train.main(ppo_args(out, tmp_path / run, "--max_steps", "2", "--rollout_batch_size", "32", "--batch_size", "32",
+                            "--micro_batch_size", "16"))
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+    assert strip(metrics(tmp_path / "a")) == strip(metrics(tmp_path / "b"))
+    train.main(ppo_args(out, tmp_path / "c", "--max_steps", "2", "--rollout_batch_size", "32", "--batch_size", "32",
+                        "--micro_batch_size", "16", "--seed", "1"))
+    assert strip(metrics(tmp_path / "c")) != strip(metrics(tmp_path / "a"))
+
+
+def test_reward_model_reads_the_eos_for_left_and_right_padding():
+    """Score at the EOS: the same pair scored in our [left-padded prompt | right-padded response] layout and fully
+    right-padded must both equal the score of the unpadded row at its last token."""
+    torch.manual_seed(0)
+    rm = Llama(ModelArgs.preset("tiny", head="score")).eval()
+    eos, pad = 1, 2
+    rows = [[5, 6, 7, 8, eos], [9, 10, eos], [11, 12, 13, 14, 15, 16, eos]]
+    with torch.no_grad():
+        expected = torch.stack([rm(torch.tensor([r]))[0, -1] for r in rows])
+        prompts, responses = [r[:2] for r in rows], [r[2:] for r in rows]
+        from data import collate
+        b = collate(prompts, responses, pad)
+        ours = train.scores(rm)(b)
+        T = max(map(len, rows))
+        ids = torch.tensor([r + [pad] * (T - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])
+        right = train.scores(rm)({"input_ids": ids, "attention_mask": mask})
+    assert b["attention_mask"][:, 0].tolist() == [1, 1, 1]  # same-length prompts: padding only on the right here
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(right, expected, atol=1e-5, rtol=0)
+    # and a left-padded prompt of a different length
+    b2 = collate([[5, 6], [9]], [[7, 8, eos], [10, eos]], pad)
+    with torch.no_grad():
+        got = train.scores(rm)(b2)
+        exp2 = torch.stack([rm(torch.tensor([[5, 6, 7, 8, eos]]))[0, -1], rm(torch.tensor([[9, 10, eos]]))[0, -1]])
+    assert b2["attention_mask"][1, 0] == 0
+    torch.testing.assert_close(got, exp2, atol=1e-5, rtol=0)
+
+
+def test_sample_command(pipeline, capsys):
+    out, _ = pipeline
+    train.main(["sample", "--model", str(out / "sft" / "final"), "--prompt", "topic " + "x", "--max_new_tokens", "5"])
+    printed = capsys.readouterr().out
+    assert "plain format" in printed and printed.count("---") == 1
+
+
+def test_config_errors_are_clear(pipeline, tmp_path):
+    out, _ = pipeline
+    bad = ppo_args(out, tmp_path / "x")
+    bad[bad.index("--dpo") + 1] = ""
+    with pytest.raises(ValueError, match="--algo rto needs --dpo"):
+        train.main(bad)
+    with pytest.raises(ValueError, match="not divisible by micro_batch_size"):
+        train.main(ppo_args(out, tmp_path / "y", "--batch_size", "32", "--micro_batch_size", "12"))
+    with pytest.raises(ValueError, match="unknown 'nope'"):
+        train.main(["all", "--out", str(tmp_path / "z"), "--algos", "ppo,nope"])
+    with pytest.raises(ValueError, match="--algo 'bogus'"):
+        train.main(ppo_args(out, tmp_path / "w", "--algo", "bogus"))
