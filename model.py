@@ -369,7 +369,8 @@ class Llama(nn.Module):
             else:
                 h = layer(h, cos, sin, mask, cache, i, start)
         h = self.norm(h)
-        out = self.output(h) if self.args.head == "lm" else self.score(h).squeeze(-1)
+        # the score head as a (dim,) vector gives (B, T) directly, not a view of (B, T, 1) (FSDP warns about views)
+        out = self.output(h) if self.args.head == "lm" else F.linear(h, self.score.weight[0])
         return (out, h) if return_hidden else out
 
     def num_params(self) -> int:

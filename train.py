@@ -173,8 +173,14 @@ def init_dist(device: str) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), dev)
 
 
-def close_dist():
-    if dist.is_initialized():
+def close_dist(ok: bool):
+    """Tear the process group down. After a failure on nccl we skip it: destroy can block while the other ranks
+    sit in a collective, and this process must exit so torchrun can end the job and show this rank's error."""
+    if not dist.is_initialized():
+        return
+    if ok:
+        dist.barrier()
+    if ok or dist.get_backend() == "gloo":
         dist.destroy_process_group()
 
 
@@ -218,7 +224,10 @@ def shard(model: Llama, cfg: Config) -> Llama:
     kw = {"mp_policy": mp} if mp is not None else {}
     for block in model.layers:
         fully_shard(block, **kw)
-    fully_shard(model, **kw)
+    # The root (embeddings, final norm, head) reshards after forward too: otherwise a no_grad forward (a rollout,
+    # a reference pass) leaves its full parameters gathered, and an optimizer step then updates only the shards,
+    # so the next forward would silently reuse stale weights.
+    fully_shard(model, reshard_after_forward=True, **kw)
     return model
 
 
@@ -229,15 +238,15 @@ def gathered(model):
     from torch.distributed.fsdp import FSDPModule
 
     mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for m in mods:
+    for m in mods:  # unshard() is not recursive: every block and the root, each once
+        m.set_reshard_after_forward(False, recurse=False)
         m.unshard()
-        m.set_reshard_after_forward(False)
     try:
-        yield
+        yield  # call model(...) inside, never a block directly: FSDP's root bookkeeping runs in root.forward
     finally:
         for m in mods:
             m.reshard()
-            m.set_reshard_after_forward(True)
+            m.set_reshard_after_forward(True, recurse=False)
 
 
 def full_state_dict(model) -> dict[str, torch.Tensor]:
@@ -781,7 +790,7 @@ def run_ppo(cfg: PPOConfig, gold=None) -> Path:
                         first_dev = float((logp.detach() - b["logp_old"]).abs().masked_fill(~b["response_mask"], 0).max())
                     for key, v in {"policy_loss": pl, "value_loss": vl, **pst, **vst,
                                    "entropy": ppo_math.masked_mean(ent, b["response_mask"])}.items():
-                        stats.setdefault(key, []).append(float(v))
+                        stats.setdefault(key, []).append(float(v.detach()))
                 clip_and_step(actor, actor_opt, actor_sched, cfg.grad_clip)
                 clip_and_step(critic, critic_opt, critic_sched, cfg.grad_clip)
 
@@ -1002,12 +1011,26 @@ def main(argv=None):
     global D
     cfg, fn = parse_args(sys.argv[1:] if argv is None else argv)
     D = init_dist(cfg.device)
+    ok = False
     try:
         torch.manual_seed(getattr(cfg, "seed", 0))
-        return fn(cfg)
+        result = fn(cfg)
+        ok = True
+        return result
+    except Exception:
+        if D.world > 1:  # name the rank: torchrun prints every worker's output interleaved
+            print(f"[rank {D.rank}] failed:", file=sys.stderr, flush=True)
+        raise
     finally:
-        close_dist()
+        close_dist(ok)
 
 
 if __name__ == "__main__":
-    main()
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    record(main)()  # under torchrun, the failing rank's traceback is in the job's error summary
+    if D.world > 1:
+        # gloo occasionally aborts the process during interpreter shutdown after a clean destroy (seen on
+        # torch 2.13 CPU, about 1 run in 5), which torchrun reports as a failed job: leave without the shutdown
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(0)

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMEOUT = 300  # seconds, for any one subprocess (a 2-process stage takes ~12 s on 2 busy cores)
+TIMEOUT = 300  # seconds, for any one subprocess (the slowest, a 2-process stage, takes ~15 s on 2 busy cores)
 
 # One thread per process: 2 cores, up to 3 processes at once. Drop any torchrun variables of an outer launcher
 # so a plain `python train.py` really is a single process.
@@ -132,10 +132,18 @@ def children(pid: int) -> list[int]:
     return kids
 
 
+def gone(pid: int) -> bool:
+    """pid has exited (no such process, or a zombie waiting to be reaped)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def run_until_checkpoint_then_kill(cmd: list[str], out: Path, log: Path, timeout: float = TIMEOUT) -> list[int]:
-    """Start cmd, wait until <out>/checkpoints holds a complete checkpoint, SIGKILL every process of the run
-    (torchrun starts its workers in sessions of their own, so they are killed by pid, before the launcher).
-    Returns the complete checkpoint steps seen right after the kill. Fails if the run ended on its own."""
+    """Start cmd, wait until <out>/checkpoints holds a complete checkpoint, then SIGKILL every process of the run:
+    torchrun starts its workers in sessions of their own, so they are killed by pid, together with the launcher.
+    Returns the complete checkpoint steps left behind. Fails if the run ended on its own."""
     p = start(cmd, log)
     deadline = time.monotonic() + timeout
     try:
@@ -143,21 +151,26 @@ def run_until_checkpoint_then_kill(cmd: list[str], out: Path, log: Path, timeout
             assert p.poll() is None, f"run exited ({p.returncode}) before its first checkpoint:\n{log.read_text()[-4000:]}"
             assert time.monotonic() < deadline, "no checkpoint before the timeout"
             time.sleep(0.01)
-        for pid in children(p.pid) + [p.pid]:
+        workers = children(p.pid)
+        for pid in workers + [p.pid]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         p.wait(timeout=60)
+        while not all(gone(w) for w in workers):  # nothing of the run may go on writing
+            assert time.monotonic() < deadline, f"workers {workers} survived SIGKILL"
+            time.sleep(0.01)
     finally:
         if p.poll() is None:
             p.kill()
             p.wait()
         p._log_file.close()
+    if "torch.distributed.run" in cmd:
+        assert len(workers) == 2, f"expected torchrun's 2 workers, found {workers}"
     # the kill must have interrupted the run: a run that completed on its own proves nothing about resuming
     assert p.returncode == -signal.SIGKILL, f"run was not killed (exit {p.returncode}):\n{log.read_text()[-4000:]}"
     assert not (out / "final").exists(), "the run had already finished when it was killed"
-    time.sleep(0.5)  # let any orphan a kill could have missed show itself by writing on
     return complete_checkpoints(out)
 
 
@@ -193,24 +206,27 @@ def inputs(tmp_path_factory) -> Path:
 
 
 def stage_args(stage: str, inp: Path, out: Path) -> list:
-    """The tiny configuration of each stage used by the smoke and equivalence tests (3 optimizer steps of a
-    32-example global batch: 2 micro-batches of 8 per rank on 2 processes, 4 on one)."""
+    """The tiny configuration of each stage (a 32-example global batch: 2 micro-batches of 8 per rank on 2
+    processes, 4 on one). SFT runs 12 steps with a checkpoint every 3, so that its runs are also the
+    uninterrupted references of the kill-and-resume tests; the others run 3 steps."""
     d = inp / "data"
-    common = ["--out", out, "--max_steps", 3, "--batch_size", 32, "--micro_batch_size", 8, *SHAPE]
+    common = ["--out", out, "--batch_size", 32, "--micro_batch_size", 8, *SHAPE]
     if stage == "sft":  # from scratch: a new model sized to the tokenizer
-        return ["--data", d / "sft.jsonl", "--tokenizer", inp / "tokenizer", "--lr", 1e-3, *common]
+        return ["--data", d / "sft.jsonl", "--tokenizer", inp / "tokenizer", "--lr", 1e-3, "--max_steps", 12,
+                "--save_every", 3, *common]
     if stage in ("dpo", "rm"):
         return ["--data", d / "prefs.jsonl", "--eval_data", d / "eval_prefs.jsonl", "--model", inp / "sft" / "final",
-                "--lr", 1e-3, *common]
+                "--lr", 1e-3, "--max_steps", 3, *common]
     if stage == "ppo":  # --top_k 1: greedy, so both runs sample the same responses whatever each rank's RNG;
         # rollout == batch: one rollout is one minibatch in both runs (no per-rank minibatch composition)
         return ["--algo", "rto", "--prompts", d / "prompts.jsonl", "--policy", inp / "memo" / "final",
                 "--dpo", inp / "dpo" / "final", "--rm", inp / "rm" / "final", "--rollout_batch_size", 32,
-                "--top_k", 1, "--lr", 3e-4, "--critic_lr", 1e-3, *common]
+                "--top_k", 1, "--lr", 3e-4, "--critic_lr", 1e-3, "--max_steps", 3, *common]
     raise ValueError(stage)
 
 
 STAGES = ["sft", "dpo", "rm", "ppo"]
+STEPS = {"sft": 12, "dpo": 3, "rm": 3, "ppo": 3}
 
 
 @pytest.fixture(scope="session")
@@ -242,7 +258,8 @@ def test_torchrun_two_processes_smoke(stage, stage_runs):
     cfg = json.loads((final / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForSequenceClassification" if stage == "rm" else "LlamaForCausalLM"]
     rows = metrics(out)
-    assert [r["step"] for r in rows] == [1, 2, 3]  # one row per optimizer step, written once (rank 0 only)
+    # one row per optimizer step, written once (rank 0 only)
+    assert [r["step"] for r in rows] == list(range(1, STEPS[stage] + 1))
     keys = ["policy_loss", "value_loss", "score", "kl", "first_logp_dev"] if stage == "ppo" else ["loss", "grad_norm"]
     for r in rows:
         for k in keys:
@@ -254,8 +271,10 @@ def test_torchrun_two_processes_smoke(stage, stage_runs):
         assert cfg.get("rto_score_std") is not None and cfg["rto_score_std"] > 0  # stored for PPO's normalisation
     if stage in ("dpo", "rm"):
         assert (out / "eval.json").is_file()
+    if stage == "sft":  # the last checkpoint before the end (12 is exported, not checkpointed), older ones pruned
+        assert complete_checkpoints(out) == [9]
     train_cfg = json.loads((final / "train_config.json").read_text())
-    assert train_cfg["max_steps"] == 3 and train_cfg["batch_size"] == 32
+    assert train_cfg["max_steps"] == STEPS[stage] and train_cfg["batch_size"] == 32
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -263,49 +282,54 @@ def test_torchrun_two_processes_smoke(stage, stage_runs):
 
 # Tolerance: the two runs do the same arithmetic except for the order of float32 summations (FSDP's
 # reduce-scatter of gradients, per-rank partial sums of the loss, foreach vs per-parameter AdamW) and
-# per-batch padding widths. Measured on CPU: the losses of steps 1-3 agree to ~1e-7 relative for every stage,
+# per-batch padding widths. Measured on CPU: the metrics of steps 1-3 agree to ~1e-7 relative for every stage,
 # PPO's kl (a small difference of log-probs, exactly 0 at step 1) to ~3e-8 absolute. rel 1e-5 is 100x that
-# margin; a real bug (a batch seen twice, a gradient averaged over the wrong count, a rank sampling other
-# prompts) moves these numbers by 1e-3 or more. abs 1e-6 only matters for the values near 0.
+# margin; a real bug (a batch seen twice, a gradient averaged over the wrong count, a parameter not updated,
+# a rank sampling other prompts) moves these numbers by 1e-3 or more. abs 1e-6 only matters for values near 0.
 REL, ABS = 1e-5, 1e-6
-COMPARED = {"sft": ["loss"], "dpo": ["loss", "accuracy", "margin"], "rm": ["loss", "accuracy", "margin"],
+# Final weights after 3 steps: Adam divides each gradient by its own running RMS, so for a weight whose gradient
+# is ~0 the float noise above becomes a visible update: measured max |difference| 2.3e-5 (lr 1e-3). A weight the
+# optimizer skipped, or an update on the wrong shard, is off by ~lr = 1e-3 per step; 2e-4 separates the two.
+WEIGHT_ATOL = 2e-4
+COMPARED = {"sft": ["loss", "grad_norm"], "dpo": ["loss", "grad_norm", "accuracy", "margin"],
+            "rm": ["loss", "grad_norm", "accuracy", "margin"],
             "ppo": ["policy_loss", "value_loss", "score", "kl", "resp_len"]}
 
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_two_processes_match_one(stage, stage_runs):
+    # NOTE: dpo fails with train.py as of this writing: run_dpo's no-grad reference pass leaves FSDP2's root
+    # module unsharded, so make_optimizer collects the root's *unsharded* tensors and the embeddings, final norm
+    # and lm_head are never updated on 2 processes (step-2 loss 0.6906 vs 0.6862). See the report.
     one, two = stage_runs(stage)
     a, b = by_step(metrics(one)), by_step(metrics(two))
-    assert sorted(a) == sorted(b) == [1, 2, 3]
+    assert sorted(a) == sorted(b) == list(range(1, STEPS[stage] + 1))
     for step in (1, 2, 3):
         for k in COMPARED[stage]:
             assert math.isclose(a[step][k], b[step][k], rel_tol=REL, abs_tol=ABS), \
                 f"{stage} step {step} {k}: 1 process {a[step][k]!r} vs 2 processes {b[step][k]!r}"
     if stage == "ppo":  # the metrics are those of a policy that learns: they move between steps
-        assert len({round(a[s]["resp_len"], 6) for s in (1, 2, 3)}) > 1 or a[3]["kl"] != 0.0
+        assert a[3]["kl"] != 0.0
+    if stage != "sft":  # (sft: 12 steps here; its final weights are compared by the resume tests)
+        wa, wb = safetensors_weights(one / "final"), safetensors_weights(two / "final")
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            diff = float((wa[k] - wb[k]).abs().max())
+            assert diff <= WEIGHT_ATOL, f"{stage} final weight {k}: max |1 process - 2 processes| = {diff:.3g}"
 
 
 # ----------------------------------------------------------------------------------------------------------
 # 3. kill and resume, one process: exact reproduction on CPU
 
 
-def test_sft_kill_and_resume_is_exact(inputs, tmp_path):
-    # 64 examples per step in micro-batches of 16 (a few hundred ms a step), so the run is still going well
-    # after its first checkpoint at step 3 of 12.
-    def args(out):
-        return ["--data", inputs / "data" / "sft.jsonl", "--tokenizer", inputs / "tokenizer", "--out", out,
-                "--max_steps", 12, "--save_every", 3, "--batch_size", 64, "--micro_batch_size", 16, "--lr", 1e-3,
-                "--epochs", 1, *SHAPE]
-
-    ref, out = tmp_path / "ref", tmp_path / "killed"
-    p_ref = start(command(1, "sft", *args(ref)), tmp_path / "ref.log")  # the uninterrupted run, alongside
-    try:
-        ckpts = run_until_checkpoint_then_kill(command(1, "sft", *args(out)), out, tmp_path / "killed.log")
-    finally:
-        finish(p_ref)
+def test_sft_kill_and_resume_is_exact(inputs, stage_runs, tmp_path):
+    ref = stage_runs("sft")[0]  # the uninterrupted 1-process run of the same command
+    out = tmp_path / "killed"
+    cmd = command(1, "sft", *stage_args("sft", inputs, out))
+    ckpts = run_until_checkpoint_then_kill(cmd, out, tmp_path / "killed.log")
     assert ckpts and max(ckpts) < 12
     assert len(metrics(out)) < 12  # the kill cut the run short
-    log = run(command(1, "sft", *args(out), "--resume"), tmp_path / "resumed.log")
+    log = run(cmd + ["--resume"], tmp_path / "resumed.log")
     assert f"at step {max(ckpts)}" in log  # resumed from the newest complete checkpoint
     # Exact (==), every step: same batches (derived from (seed, step)), same optimizer/scheduler state.
     # NOTE: fails with train.py as of this writing: Logger drops the row of the checkpoint's own step on resume
@@ -321,15 +345,15 @@ def test_sft_kill_and_resume_is_exact(inputs, tmp_path):
 
 def test_ppo_kill_and_resume_is_exact(inputs, tmp_path):
     # Sampling is stochastic here (no --top_k): the resumed run must re-derive each step's generator.
-    # Two minibatches per rollout (64 / 32), so the schedulers have stepped twice per PPO step.
+    # Two minibatches per rollout (32 / 16), so the schedulers step twice per PPO step.
     def args(out):
         return ["--algo", "rto", "--prompts", inputs / "data" / "prompts.jsonl", "--policy", inputs / "sft" / "final",
                 "--dpo", inputs / "dpo" / "final", "--rm", inputs / "rm" / "final", "--out", out,
-                "--max_steps", 5, "--save_every", 2, "--rollout_batch_size", 64, "--batch_size", 32,
-                "--micro_batch_size", 16, "--lr", 3e-4, "--critic_lr", 1e-3, *SHAPE]
+                "--max_steps", 5, "--save_every", 2, "--rollout_batch_size", 32, "--batch_size", 16,
+                "--micro_batch_size", 8, "--lr", 3e-4, "--critic_lr", 1e-3, *SHAPE]
 
     ref, out = tmp_path / "ref", tmp_path / "killed"
-    p_ref = start(command(1, "ppo", *args(ref)), tmp_path / "ref.log")
+    p_ref = start(command(1, "ppo", *args(ref)), tmp_path / "ref.log")  # the uninterrupted run, alongside
     try:
         ckpts = run_until_checkpoint_then_kill(command(1, "ppo", *args(out)), out, tmp_path / "killed.log")
     finally:
@@ -446,63 +470,72 @@ def test_latest_checkpoint_ignores_tmp_and_incomplete(tmp_path):
     assert train.latest_checkpoint(tmp_path) == ckpt / "step_000010"  # numeric order (zero-padded names)
 
 
-def test_resume_skips_leftover_tmp(inputs, tmp_path):
+def test_resume_skips_leftover_tmp(inputs, stage_runs, tmp_path):
     """A run killed mid-save leaves step_N.tmp (with every file, meta.json included, since meta.json is written
     before the rename) next to the previous complete checkpoint: --resume must use the complete one."""
-    def args(out, steps):
-        return ["--data", inputs / "data" / "sft.jsonl", "--tokenizer", inputs / "tokenizer", "--out", out,
-                "--max_steps", steps, "--save_every", 2, "--batch_size", 32, "--micro_batch_size", 16,
-                "--lr", 1e-3, *SHAPE]
-
-    ref, short = tmp_path / "ref", tmp_path / "short"
-    # The interrupted run is rebuilt by hand from the reference's own step-4 checkpoint, plus a leftover
-    # step_000005.tmp whose shards are cut in half (a kill mid-write).
-    run(command(1, "sft", *args(ref, 6)), tmp_path / "ref.log")
-    assert complete_checkpoints(ref) == [4]  # 2 was replaced by 4; the last step is exported, not checkpointed
-    (short / "checkpoints").mkdir(parents=True)
-    shutil.copytree(ref / "checkpoints" / "step_000004", short / "checkpoints" / "step_000004")
-    leftover = short / "checkpoints" / "step_000005.tmp"
-    shutil.copytree(ref / "checkpoints" / "step_000004", leftover)
-    (leftover / "meta.json").write_text((leftover / "meta.json").read_text().replace('"step": 4', '"step": 5'))
-    for f in leftover.glob("*.distcp"):
-        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # a half-written shard: unloadable
-    log = run(command(1, "sft", *args(short, 6), "--resume"), tmp_path / "short.log")
-    assert "resumed from" in log and "step_000004 at step 4" in log, log[-3000:]
-    got, want = by_step(metrics(short)), by_step(metrics(ref))
-    assert {5, 6} <= set(got)
-    for s in (5, 6):
+    ref = stage_runs("sft")[0]  # 12 steps, checkpoints every 3: step_000009 is left
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ref / "checkpoints" / "step_000009", out / "checkpoints" / "step_000009")
+    leftover = out / "checkpoints" / "step_000010.tmp"  # as if killed while saving a (newer) step 10
+    shutil.copytree(ref / "checkpoints" / "step_000009", leftover)
+    meta = json.loads((leftover / "meta.json").read_text())
+    (leftover / "meta.json").write_text(json.dumps({**meta, "step": 10}))
+    shards = list(leftover.glob("*.distcp"))
+    assert shards
+    for f in shards:
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # half-written: unloadable
+    log = run(command(1, "sft", *stage_args("sft", inputs, out), "--resume"), tmp_path / "resumed.log")
+    assert "step_000009 at step 9" in log, log[-3000:]
+    got, want = by_step(metrics(out)), by_step(metrics(ref))
+    assert sorted(got) == [10, 11, 12]  # a fresh directory: only the resumed steps were logged here
+    for s in (10, 11, 12):
         assert got[s]["loss"] == want[s]["loss"], s
-    wa, wb = safetensors_weights(short / "final"), safetensors_weights(ref / "final")
-    assert all(torch.equal(wa[k], wb[k]) for k in wb)
+    wa, wb = safetensors_weights(out / "final"), safetensors_weights(ref / "final")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wb)
+
+
+def test_fresh_run_over_stale_checkpoints(inputs, stage_runs, tmp_path):
+    """The same command without --resume in a directory that an earlier (killed) run left a checkpoint in: it
+    must start from scratch, overwrite what it meets, and give exactly the reference run."""
+    # NOTE: fails with train.py as of this writing: save_checkpoint's os.replace(step_000003.tmp, step_000003)
+    # raises OSError "Directory not empty" when step_000003 already exists. See the report.
+    ref = stage_runs("sft")[0]
+    out = tmp_path / "run"
+    stale = out / "checkpoints" / "step_000003"  # e.g. from an earlier run killed after its first checkpoint
+    shutil.copytree(ref / "checkpoints" / "step_000009", stale)
+    (stale / "meta.json").write_text(json.dumps({**json.loads((stale / "meta.json").read_text()), "step": 3}))
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": -1.0}) + "\n")  # a stale row
+    run(command(1, "sft", *stage_args("sft", inputs, out)), tmp_path / "run.log")
+    got, want = by_step(metrics(out)), by_step(metrics(ref))
+    assert sorted(got) == sorted(want) == list(range(1, 13))
+    for s in want:
+        assert got[s]["loss"] == want[s]["loss"], s
+    assert complete_checkpoints(out) == [9]
+    assert json.loads((out / "checkpoints" / "step_000009" / "meta.json").read_text())["step"] == 9
 
 
 # ----------------------------------------------------------------------------------------------------------
 # 5. kill and resume under torchrun
 
 
-def test_torchrun_kill_and_resume(inputs, tmp_path):
-    def args(out):
-        return ["--data", inputs / "data" / "sft.jsonl", "--tokenizer", inputs / "tokenizer", "--out", out,
-                "--max_steps", 8, "--save_every", 2, "--batch_size", 64, "--micro_batch_size", 16, "--lr", 1e-3,
-                *SHAPE]
-
-    ref, out = tmp_path / "ref", tmp_path / "killed"
-    p_ref = start(command(2, "sft", *args(ref)), tmp_path / "ref.log")
-    try:
-        ckpts = run_until_checkpoint_then_kill(command(2, "sft", *args(out)), out, tmp_path / "killed.log")
-    finally:
-        finish(p_ref)
-    assert ckpts and max(ckpts) < 8
+def test_torchrun_kill_and_resume(inputs, stage_runs, tmp_path):
+    ref = stage_runs("sft")[1]  # the uninterrupted 2-process run of the same command
+    out = tmp_path / "killed"
+    cmd = command(2, "sft", *stage_args("sft", inputs, out))
+    ckpts = run_until_checkpoint_then_kill(cmd, out, tmp_path / "killed.log")
+    assert ckpts and max(ckpts) < 12
     # both ranks' RNG files: the checkpoint was written by 2 processes
     assert sorted(p.name for p in (out / "checkpoints" / f"step_{max(ckpts):06d}").glob("rng_rank*")) == \
         ["rng_rank0.safetensors", "rng_rank1.safetensors"]
-    log = run(command(2, "sft", *args(out), "--resume"), tmp_path / "resumed.log")
+    cmd = command(2, "sft", *stage_args("sft", inputs, out), "--resume")  # (a fresh port)
+    log = run(cmd, tmp_path / "resumed.log")
     assert f"at step {max(ckpts)}" in log
     # Tolerance 0: the resumed run does the same arithmetic in the same order as the uninterrupted one (same
     # world size, same shards, same reduction order), so it reproduces it bit for bit.
     # NOTE: fails with train.py as of this writing (Logger drops the checkpoint step's row; see the report).
     got, want = by_step(metrics(out)), by_step(metrics(ref))
-    assert sorted(want) == list(range(1, 9))
+    assert sorted(want) == list(range(1, 13))
     assert sorted(got) == sorted(want), f"steps after resume: {sorted(got)}"
     for s in want:
         assert got[s]["loss"] == want[s]["loss"], f"step {s}: {got[s]['loss']!r} != {want[s]['loss']!r}"
