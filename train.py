@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -39,7 +40,7 @@ import ppo as ppo_math
 import reward as rm_math
 import rto
 from data import Tokenizer, WordTask, collate, pad_left, read_preferences, read_prompts, read_sft, train_tokenizer
-from model import Llama, ModelArgs, generate, hf_name, save_hf_checkpoint
+from model import Llama, ModelArgs, generate, hf_name, replace_dir, save_hf_checkpoint
 
 
 def F(default, help: str):
@@ -286,7 +287,7 @@ def save_checkpoint(run_dir: Path, step: int, models: dict, optims: dict, scheds
         meta = {"step": step, "world": D.world, "schedulers": {k: v.state_dict() for k, v in scheds.items()}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         (tmp / "train_config.json").write_text(config_json(cfg))
-        os.replace(tmp, final)  # the commit point
+        replace_dir(tmp, final)  # the commit point (an earlier run's step_N in this directory is swapped out)
         for old in ckpt_dir.glob("step_*"):
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
@@ -294,8 +295,8 @@ def save_checkpoint(run_dir: Path, step: int, models: dict, optims: dict, scheds
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    done = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if not p.name.endswith(".tmp")
-                  and (p / "meta.json").is_file())
+    done = sorted(p for p in (run_dir / "checkpoints").glob("step_*")
+                  if re.fullmatch(r"step_\d+", p.name) and (p / "meta.json").is_file())  # never .tmp or .old
     return done[-1] if done else None
 
 
@@ -453,7 +454,7 @@ class Logger:
         self.path, self.keys = run_dir / "metrics.jsonl", keys
         if D.main and self.path.exists():  # a resumed run rewrites what the killed run logged after its checkpoint
             rows = [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] < resume_step))
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= resume_step))
 
     def log(self, step: int, metrics: dict):
         if not D.main:

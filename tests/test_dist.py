@@ -298,9 +298,9 @@ COMPARED = {"sft": ["loss", "grad_norm"], "dpo": ["loss", "grad_norm", "accuracy
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_two_processes_match_one(stage, stage_runs):
-    # NOTE: dpo fails with train.py as of this writing: run_dpo's no-grad reference pass leaves FSDP2's root
-    # module unsharded, so make_optimizer collects the root's *unsharded* tensors and the embeddings, final norm
-    # and lm_head are never updated on 2 processes (step-2 loss 0.6906 vs 0.6862). See the report.
+    # Regression guard (dpo): a no-grad pass before training (DPO's reference log-probs) used to leave FSDP2's
+    # root unsharded, so the embeddings, final norm and head were never updated on 2 processes (step-2 loss
+    # 0.6906 vs 0.6862, final weights off by 2.5e-3); fixed by reshard_after_forward=True on the root.
     one, two = stage_runs(stage)
     a, b = by_step(metrics(one)), by_step(metrics(two))
     assert sorted(a) == sorted(b) == list(range(1, STEPS[stage] + 1))
@@ -332,8 +332,6 @@ def test_sft_kill_and_resume_is_exact(inputs, stage_runs, tmp_path):
     log = run(cmd + ["--resume"], tmp_path / "resumed.log")
     assert f"at step {max(ckpts)}" in log  # resumed from the newest complete checkpoint
     # Exact (==), every step: same batches (derived from (seed, step)), same optimizer/scheduler state.
-    # NOTE: fails with train.py as of this writing: Logger drops the row of the checkpoint's own step on resume
-    # (keeps r["step"] < resume_step; must be <=). See the report.
     got, want = by_step(metrics(out)), by_step(metrics(ref))
     assert sorted(want) == list(range(1, 13))
     assert sorted(got) == sorted(want), f"steps after resume: {sorted(got)}"
@@ -361,7 +359,6 @@ def test_ppo_kill_and_resume_is_exact(inputs, tmp_path):
     assert ckpts and max(ckpts) < 5
     log = run(command(1, "ppo", *args(out), "--resume"), tmp_path / "resumed.log")
     assert f"at step {max(ckpts)}" in log
-    # NOTE: fails with train.py as of this writing (Logger drops the checkpoint step's row; see the report).
     got, want = by_step(metrics(out)), by_step(metrics(ref))
     assert sorted(want) == [1, 2, 3, 4, 5]
     assert sorted(got) == sorted(want), f"steps after resume: {sorted(got)}"
@@ -498,8 +495,6 @@ def test_resume_skips_leftover_tmp(inputs, stage_runs, tmp_path):
 def test_fresh_run_over_stale_checkpoints(inputs, stage_runs, tmp_path):
     """The same command without --resume in a directory that an earlier (killed) run left a checkpoint in: it
     must start from scratch, overwrite what it meets, and give exactly the reference run."""
-    # NOTE: fails with train.py as of this writing: save_checkpoint's os.replace(step_000003.tmp, step_000003)
-    # raises OSError "Directory not empty" when step_000003 already exists. See the report.
     ref = stage_runs("sft")[0]
     out = tmp_path / "run"
     stale = out / "checkpoints" / "step_000003"  # e.g. from an earlier run killed after its first checkpoint
@@ -533,7 +528,6 @@ def test_torchrun_kill_and_resume(inputs, stage_runs, tmp_path):
     assert f"at step {max(ckpts)}" in log
     # Tolerance 0: the resumed run does the same arithmetic in the same order as the uninterrupted one (same
     # world size, same shards, same reduction order), so it reproduces it bit for bit.
-    # NOTE: fails with train.py as of this writing (Logger drops the checkpoint step's row; see the report).
     got, want = by_step(metrics(out)), by_step(metrics(ref))
     assert sorted(want) == list(range(1, 13))
     assert sorted(got) == sorted(want), f"steps after resume: {sorted(got)}"
