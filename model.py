@@ -336,11 +336,13 @@ class Llama(nn.Module):
             self._inv_freq[device] = rope_inv_freq(self.args).to(device)
         return self._inv_freq[device]
 
-    def forward(self, input_ids, attention_mask=None, *, cache: KVCache | None = None, return_hidden=False):
+    def forward(self, input_ids, attention_mask=None, *, cache: KVCache | None = None, return_hidden=False,
+                last_only=False):
         """input_ids (B, T), attention_mask (B, T) with 1 on real tokens (left padding for prompts).
 
         Returns logits (B, T, vocab) for head="lm", values (B, T) for head="score"; with return_hidden, also
         the final-norm hidden states (B, T, dim). With a cache, the T tokens are appended after the cached ones.
+        last_only: apply the head to the last column only (sampling needs no logits for the prompt's positions).
         """
         B, T = input_ids.shape
         device = input_ids.device
@@ -368,7 +370,7 @@ class Llama(nn.Module):
                 h = checkpoint(layer, h, cos, sin, mask, cache, i, start, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, mask, cache, i, start)
-        h = self.norm(h)
+        h = self.norm(h[:, -1:] if last_only else h)
         # the score head as a (dim,) vector gives (B, T) directly, not a view of (B, T, 1) (FSDP warns about views)
         out = self.output(h) if self.args.head == "lm" else F.linear(h, self.score.weight[0])
         return (out, h) if return_hidden else out
@@ -539,7 +541,7 @@ def generate(model: Llama, prompt_ids, prompt_mask, max_new_tokens: int, *, eos_
     cache = KVCache(model.args, B, P + max_new_tokens, prompt_ids.device)
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=prompt_ids.device)
     done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
-    logits = model(prompt_ids, prompt_mask, cache=cache)[:, -1]
+    logits = model(prompt_ids, prompt_mask, cache=cache, last_only=True)[:, -1]
     n = 0
     for n in range(1, max_new_tokens + 1):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
