@@ -196,8 +196,9 @@ def print0(*args):
 def all_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum of a tensor over ranks (identity on one process)."""
     if D.world > 1:
-        x = x.clone()
-        dist.all_reduce(x)
+        y = x.to(D.device, copy=True)  # nccl reduces CUDA tensors only
+        dist.all_reduce(y)
+        x = y.to(x.device)
     return x
 
 
@@ -221,6 +222,9 @@ def shard(model: Llama, cfg: Config) -> Llama:
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    if not dist.is_initialized():  # one process asking for bf16: FSDP needs a (single-rank) process group
+        dist.init_process_group("nccl" if D.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cfg.bf16 else None
     kw = {"mp_policy": mp} if mp is not None else {}
     for block in model.layers:
@@ -868,7 +872,9 @@ class PipelineConfig:
     n_eval: int = F(256, "held-out prompts and preference pairs")
     sft_epochs: int = F(3, "SFT passes over the demonstrations")
     pref_epochs: int = F(2, "DPO and RM passes over the pairs")
-    ppo_steps: int = F(40, "PPO rollouts per algorithm")
+    ppo_steps: int = F(150, "PPO rollouts per algorithm")
+    beta1: float = F(0.05, "scale of the DPO token reward in rto / semi-rto / dpo-only (reference: 0.05)")
+    dpo_clip: float = F(0.05, "clip of each DPO token reward (reference: 0.05)")
     progress: bool = F(True, "show tqdm bars")
 
 
@@ -886,7 +892,8 @@ def stage_configs(pc: PipelineConfig, data: dict, tok_dir: Path):
     ppo_cfgs = {algo: PPOConfig(**common, out=str(out / algo), algo=algo, prompts=str(data["prompts"]),
                                 policy=str(out / "sft" / "final"), dpo=str(out / "dpo" / "final"),
                                 rm=str(out / "rm" / "final"), lr=3e-4, critic_lr=1e-3, rollout_batch_size=64,
-                                batch_size=32, micro_batch_size=32, max_steps=pc.ppo_steps)
+                                batch_size=32, micro_batch_size=32, max_steps=pc.ppo_steps, beta1=pc.beta1,
+                                dpo_clip=pc.dpo_clip)
                 for algo in pc.algos.split(",")}
     return sft, dpo_cfg, rm_cfg, ppo_cfgs
 
