@@ -54,11 +54,16 @@ def main():
     p.add_argument("--prompt_len", type=int, default=64)
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--activation_checkpointing", action="store_true", help="recompute blocks in backward")
+    p.add_argument("--peak_tflops", type=float, default=0.0,
+                   help="the device's peak TFLOP/s in --dtype (H100/H200 bf16 dense: ~989): prints training MFU")
+    p.add_argument("--no_reference", action="store_true", help="skip the HF column (large presets)")
     a = p.parse_args()
     torch.manual_seed(0)
     device, dtype = torch.device(a.device), getattr(torch, a.dtype)
     ours = Llama(ModelArgs.preset(a.preset)).to(device, dtype)
-    ref = hf_model(ours)
+    ours.grad_checkpointing = a.activation_checkpointing
+    ref = None if a.no_reference else hf_model(ours)
     V = ours.args.vocab_size
     print(f"preset {a.preset}: {ours.num_params() / 1e6:.1f}M params, {a.dtype} on {a.device}, "
           f"{torch.get_num_threads()} threads")
@@ -101,8 +106,12 @@ def main():
         else:
             ours.train()
             ours_tps = n / timed(fn, a.repeats, device)
+        if name.startswith("train") and a.peak_tflops:
+            # model FLOPs utilisation: 6 x params x tokens (forward + backward) over the device's peak
+            print(f"train MFU {6 * ours.num_params() * ours_tps / (a.peak_tflops * 1e12):.1%} "
+                  f"(6 x {ours.num_params() / 1e6:.1f}M params x {ours_tps:.0f} tokens/s / {a.peak_tflops} TFLOP/s)")
         if ref_fn is None:
-            print(f"{name:22s}{ours_tps:16.0f}{'reference not installed':>26s}")
+            print(f"{name:22s}{ours_tps:16.0f}{'reference not installed' if not a.no_reference else 'skipped':>26s}")
             continue
         ref.train(not name.startswith("generate"))
         ref_tps = n / timed(torch.no_grad()(ref_fn) if name.startswith("generate") else ref_fn, a.repeats, device)
