@@ -39,7 +39,10 @@ def hf_model(model: Llama):
         return None
     cfg = {k: v for k, v in model.args.to_hf_config().items() if k != "architectures"}
     ref = LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation="sdpa"))
-    ref.load_state_dict(model.hf_state_dict(), strict=not model.args.tie_embeddings)
+    sd = model.hf_state_dict()
+    if model.args.tie_embeddings:  # HF's state dict names the shared tensor twice
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    ref.load_state_dict(sd)
     return ref.to(next(model.parameters()).device, next(model.parameters()).dtype)
 
 

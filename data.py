@@ -274,7 +274,9 @@ class Tokenizer:
         <|begin_of_text|> (<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>)*
         <|start_header_id|>assistant<|end_header_id|>\\n\\n
         The text between special tokens is encoded alone, exactly as the tokenizer's own added-token
-        split would cut the rendered string, so the ids equal encode(rendered template)."""
+        split would cut the rendered string, so the ids equal encode(rendered template). Hugging Face's own
+        Llama-3.x template differs in two details this one leaves out: it strips each message's content, and from
+        3.1 on it adds a system header with a knowledge-cutoff date."""
         start, end, eot = (self.tk.token_to_id(t) for t in CHAT_TOKENS)
         ids = [self.bos_id]
         for m in messages:

@@ -42,7 +42,7 @@ class ModelArgs:
     norm_eps: float = 1e-5  # RMSNorm epsilon
     rope_theta: float = 500000.0  # rotary base
     rope_scaling: dict | None = None  # Llama-3.1/3.2 {"rope_type": "llama3", "factor", "low_freq_factor", ...}
-    max_seq_len: int = 8192  # HF max_position_embeddings (only checked, the rotary table is computed on the fly)
+    max_seq_len: int = 8192  # HF max_position_embeddings: generate() refuses to go past it
     tie_embeddings: bool = False  # output projection shares the input embedding matrix
     head: str = "lm"  # "lm": next-token logits; "score": one scalar per token (reward model, critic)
     bos_token_id: int | None = None  # carried into config.json for the tools that read it
@@ -425,10 +425,11 @@ class Llama(nn.Module):
             if tuple(tensors[name].shape) != tuple(p.shape):
                 raise ValueError(f"{path}: tensor '{name}' has shape {tuple(tensors[name].shape)}, "
                                  f"config.json implies {tuple(p.shape)}")
-        ours = {n: tensors[hf_name(n)] for n in model.state_dict()
-                if not (n == "output.weight" and args.tie_embeddings)}
+        # tied: the output weight is the embedding tensor itself, so the load below can be strict
+        ours = {n: tensors[hf_name("tok_embeddings.weight" if n == "output.weight" and args.tie_embeddings else n)]
+                for n in model.state_dict()}
         ours = {n: t.to(device=device, dtype=dtype or t.dtype) for n, t in ours.items()}
-        model.load_state_dict(ours, strict=not args.tie_embeddings, assign=True)
+        model.load_state_dict(ours, strict=True, assign=True)
         if args.tie_embeddings:  # assign=True replaced the Parameter objects: tie them again
             model.output.weight = model.tok_embeddings.weight
         return model
@@ -536,6 +537,8 @@ def generate(model: Llama, prompt_ids, prompt_mask, max_new_tokens: int, *, eos_
     EOS are real; everything after is pad_id with mask False. Rows that never emit EOS are cut at N.
     """
     B, P = prompt_ids.shape
+    if P + max_new_tokens > model.args.max_seq_len:
+        raise ValueError(f"prompt width {P} + max_new_tokens {max_new_tokens} exceeds max_seq_len {model.args.max_seq_len}")
     if not bool(prompt_mask[:, -1].all()):
         raise ValueError("prompts must be left-padded: the last column must be a real token in every row")
     cache = KVCache(model.args, B, P + max_new_tokens, prompt_ids.device)

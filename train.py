@@ -126,8 +126,9 @@ class PPOConfig(Config):
     rollout_batch_size: int = F(64, "prompts sampled per rollout, over all ranks")
     ppo_epochs: int = F(1, "passes over each rollout (reference code: 1)")
     temperature: float = F(1.0, "sampling temperature; log-probs use the same one")
-    top_k: int = F(0, "sample from the k most likely tokens (0: all)")
-    top_p: float = F(1.0, "nucleus sampling mass (1: all)")
+    top_k: int = F(0, "sample from the k most likely tokens (0: all); log-probs stay those of the full "
+                      "distribution (as in the reference code), so anything but 0 makes PPO slightly off-policy")
+    top_p: float = F(1.0, "nucleus sampling mass (1: all); the same caveat as top_k")
     beta1: float = F(0.05, "RTO: scale of the DPO token reward log(pi_dpo/pi_ref) (reference dpo_reward_scale 0.05)")
     dpo_clip: float = F(0.05, "RTO: clip each DPO token reward to +-this (reference: 0.05)")
     beta2: float = F(0.01, "KL coefficient: -beta2 * KL(pi || pi_ref) per token (reference init_kl_coef 0.01)")
@@ -139,7 +140,8 @@ class PPOConfig(Config):
     value_clip: float = F(0.2, "value clip around the rollout values (reference: 0.2)")
     reward_clip: float = F(10.0, "clamp the normalised RM score to +-this (reference: 10)")
     normalize_reward: bool = F(True, "(score - mean) / std with the mean/std stored in the RM checkpoint")
-    no_eos_penalty: float = F(1.0, "subtracted on the last token of a response cut by max_response_len")
+    no_eos_penalty: float = F(1.0, "subtracted on the last token of a response cut by max_response_len, in units "
+                                   "of the normalised score (our addition: the reference code has no such term)")
     delimiters: str = F(".,;:!?\n", "semi-rto: a token whose text holds one of these ends a segment")
     max_response_len: int = F(128, "max new tokens per response")
 
@@ -200,6 +202,14 @@ def all_sum(x: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(y)
         x = y.to(x.device)
     return x
+
+
+def all_max(x: float) -> float:
+    t = torch.tensor(x, dtype=torch.float64)
+    if D.world > 1:
+        t = t.to(D.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
 
 
 def reduce_metrics(sums: dict[str, float], count: float) -> dict[str, float]:
@@ -364,7 +374,9 @@ def load_model(path: str, head: str = "lm", cfg: Config | None = None, tok: Toke
     """An HF checkpoint as a policy (head="lm") or a reward model / critic (head="score"; a causal-LM checkpoint
     gets a fresh scalar head). Without a path: a new model from cfg.preset sized to the tokenizer."""
     if path:
-        model = Llama.from_pretrained(path, head=head)
+        # fp32 weights whatever the checkpoint stores (HF Llama-3 ships bf16): these are the master weights that
+        # AdamW updates (in bf16, 0.02 - 5e-7 == 0.02); --bf16 makes FSDP compute in bf16, not store in it
+        model = Llama.from_pretrained(path, head=head, dtype=torch.float32)
     else:
         torch.manual_seed(cfg.seed)
         args = ModelArgs.preset(cfg.preset, vocab_size=tok.vocab_size, head=head, bos_token_id=tok.bos_id,
@@ -474,6 +486,8 @@ def start_run(cfg: Config) -> Path:
     if D.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "train_config.json").write_text(config_json(cfg))
+        if not getattr(cfg, "resume", False):  # a fresh run must never --resume into an older run's checkpoint
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     print0(f"== {type(cfg).__name__} ({D.world} process{'es' if D.world > 1 else ''}, {D.device})\n"
            + config_json(cfg))
     barrier()
@@ -579,7 +593,7 @@ def summed_logps(model):
 
 def scores(model):
     """batch -> (B,) reward-model score read at each row's last real token (the EOS of a complete response)."""
-    return lambda b: rm_math.gather_last(model(b["input_ids"], b["attention_mask"]), b["attention_mask"])
+    return lambda b: rm_math.gather_last(model(b["input_ids"], b["attention_mask"]).float(), b["attention_mask"])
 
 
 def write_json(path: Path, obj):
@@ -714,6 +728,15 @@ def run_ppo(cfg: PPOConfig, gold=None) -> Path:
         score_mean, score_std = rm_model.args.score_mean, rm_model.args.score_std
     else:
         score_mean, score_std = 0.0, 1.0
+    # A critic that starts as the reward model predicts raw scores; the returns it regresses on are built from
+    # normalised ones. As the reference code's critic does, read its outputs through the same normalisation.
+    value_shift, value_scale = ((score_mean, score_std) if uses_rm and cfg.normalize_reward and not cfg.critic
+                                else (0.0, 1.0))
+
+    def values_of(b):
+        """V(s_h) for every response token: the critic's output at the position before token h."""
+        P = b["prompt_len"]
+        return (critic(b["input_ids"], b["attention_mask"])[:, P - 1:-1].float() - value_shift) / value_scale
     # semi-rto: which token ids end a segment (a token whose text holds a delimiter character)
     delim_ids = torch.tensor([any(c in tok.decode([i], skip_special=False) for c in cfg.delimiters)
                               for i in range(actor.args.vocab_size)], device=D.device)
@@ -740,7 +763,9 @@ def run_ppo(cfg: PPOConfig, gold=None) -> Path:
         idx = batch_indices(step, len(prompts), cfg.rollout_batch_size, cfg.seed)
         gen = torch.Generator(device=D.device).manual_seed(seed_for(cfg.seed, step, D.rank))
 
-        # 1. Rollout: sample, then score every response token with the four models (no grad).
+        # 1. Rollout: sample, then score every response token with the four models (no grad). All log-probs use
+        #    the sampling temperature, as the reference code does; at temperature != 1 the DPO term is then the
+        #    log-ratio of the two tempered distributions, not exactly DPO's implicit reward.
         buf = sample_responses(actor, tok, [prompts[i] for i in idx], cfg, gen)
         N, P, mask = len(idx), buf["prompt_len"], buf["response_mask"]
         tokens = buf["input_ids"][:, P:]
@@ -757,7 +782,7 @@ def run_ppo(cfg: PPOConfig, gold=None) -> Path:
                     parts["logp_dpo"].append(response_logprobs(dpo_model, b, cfg.temperature))
                 if uses_rm:
                     parts["score"].append(scores(rm_model)(b))
-                parts["values_old"].append(critic(b["input_ids"], b["attention_mask"])[:, P - 1:-1].float())
+                parts["values_old"].append(values_of(b))
         buf.update({k: torch.cat(v) for k, v in parts.items() if v})
         raw_score = buf.get("score")
         score = rm_math.normalize_score(raw_score, score_mean, score_std, cfg.reward_clip) if uses_rm else None
@@ -787,7 +812,7 @@ def run_ppo(cfg: PPOConfig, gold=None) -> Path:
                     logp, ent = response_logprobs(actor, b, cfg.temperature, entropy=True)
                     pl, pst = ppo_math.policy_loss(logp, b["logp_old"], b["advantages"], b["response_mask"], cfg.clip_eps)
                     (pl / len(group)).backward()
-                    values = critic(b["input_ids"], b["attention_mask"])[:, P - 1:-1].float()
+                    values = values_of(b)
                     vl, vst = ppo_math.value_loss(values, b["values_old"], b["returns"], b["response_mask"],
                                                   cfg.value_clip)
                     (vl / len(group)).backward()
@@ -809,6 +834,7 @@ def run_ppo(cfg: PPOConfig, gold=None) -> Path:
             seq["gold"] = torch.tensor([gold(prompt_rows[i].prompt, t) for i, t in zip(idx, texts)], device=D.device)
         metrics = reduce_metrics({k: float(v.sum()) for k, v in seq.items()}, N)
         metrics.update(reduce_metrics({k: float(np.mean(v)) for k, v in stats.items()}, 1))
+        metrics["ratio_max"] = all_max(max(stats["ratio_max"]))  # a max over every minibatch and rank, not a mean
         metrics["explained_var"] = reduce_metrics({"ev": ppo_math.explained_variance(
             buf["values_old"], buf["returns"], mask)}, 1)["ev"]
         metrics["first_logp_dev"] = float(all_sum(torch.tensor(first_dev)))  # exactly 0 when on-policy
@@ -833,8 +859,8 @@ def evaluate(policy_dir: Path, ref: Llama, tok: Tokenizer, prompt_rows, cfg: PPO
     sequence KL sum_h log(pi/pi_ref)(y_h) on the policy's own samples. Prompts are split over ranks."""
     policy = frozen(shard(load_model(str(policy_dir), "lm", tok=tok), cfg))
     n = len(prompt_rows)
-    mine = list(range(D.rank, n, D.world))
-    mine += mine[:1] * (math.ceil(n / D.world) - len(mine))  # equal work per rank (FSDP), duplicates dropped below
+    own = list(range(D.rank, n, D.world))
+    mine = own + [own[0] if own else 0] * (math.ceil(n / D.world) - len(own))  # equal work on every rank (FSDP)
     out = {k: torch.zeros(n, dtype=torch.float64, device=D.device) for k in ("gold", "score", "kl", "len")}
     gen = torch.Generator(device=D.device).manual_seed(seed_for(cfg.seed, 10**6, D.rank))
     prompts = [tok.encode_prompt(prompt_rows[i].prompt, cfg.max_prompt_len) for i in mine]
@@ -848,7 +874,7 @@ def evaluate(policy_dir: Path, ref: Llama, tok: Tokenizer, prompt_rows, cfg: PPO
         sc = scores(rm_model)(b) if rm_model is not None else torch.zeros(len(rows), device=D.device)
         for j, r in enumerate(rows):
             i = mine[r]
-            if i in seen:
+            if r >= len(own) or i in seen:  # padding rows: another rank (or an earlier row) owns this prompt
                 continue
             seen.add(i)
             text = tok.decode(buf["input_ids"][r, P:][mask[r]].tolist())
@@ -873,26 +899,37 @@ class PipelineConfig:
     sft_epochs: int = F(3, "SFT passes over the demonstrations")
     pref_epochs: int = F(2, "DPO and RM passes over the pairs")
     ppo_steps: int = F(150, "PPO rollouts per algorithm")
+    vocab_size: int = F(512, "BPE vocabulary trained on the task's text (every task word becomes one token)")
+    max_len: int = F(16, "max prompt tokens and max response tokens")
+    batch_size: int = F(64, "SFT / DPO / RM examples per step, and prompts per PPO rollout")
+    sft_lr: float = F(3e-3, "SFT learning rate (a 2-layer model from scratch: far above the paper's 8B values)")
+    pref_lr: float = F(1e-3, "DPO and reward-model learning rate")
+    dpo_beta: float = F(0.1, "DPO beta")
+    actor_lr: float = F(3e-4, "PPO actor learning rate")
+    critic_lr: float = F(1e-3, "PPO critic learning rate")
     beta1: float = F(0.05, "scale of the DPO token reward in rto / semi-rto / dpo-only (reference: 0.05)")
     dpo_clip: float = F(0.05, "clip of each DPO token reward (reference: 0.05)")
     progress: bool = F(True, "show tqdm bars")
 
 
 def stage_configs(pc: PipelineConfig, data: dict, tok_dir: Path):
-    """The hyper-parameters of the built-in task: a 2-layer model learns in seconds, so learning rates are far
-    above the paper's 8B values (5e-7 actor, 9e-6 critic); everything RTO-specific keeps the reference values."""
+    """The four stages' configs for the built-in task. Learning rates are the pipeline's fields (a 2-layer model
+    learns in seconds, far above the paper's 8B values); everything RTO-specific keeps the reference values.
+    A PPO rollout of batch_size prompts is two minibatches (batch_size / 2 each)."""
     out = Path(pc.out)
-    common = dict(seed=pc.seed, device=pc.device, progress=pc.progress, max_prompt_len=16, max_response_len=16)
+    common = dict(seed=pc.seed, device=pc.device, progress=pc.progress, max_prompt_len=pc.max_len,
+                  max_response_len=pc.max_len)
     sft = SFTConfig(**common, out=str(out / "sft"), data=str(data["sft"]), tokenizer=str(tok_dir), preset=pc.preset,
-                    lr=3e-3, batch_size=64, micro_batch_size=64, epochs=pc.sft_epochs)
+                    lr=pc.sft_lr, batch_size=pc.batch_size, micro_batch_size=pc.batch_size, epochs=pc.sft_epochs)
     pref = dict(common, data=str(data["prefs"]), eval_data=str(data["eval_prefs"]), model=str(out / "sft" / "final"),
-                batch_size=64, micro_batch_size=64, epochs=pc.pref_epochs)
-    dpo_cfg = DPOConfig(**pref, out=str(out / "dpo"), lr=1e-3, beta=0.1)
-    rm_cfg = RMConfig(**pref, out=str(out / "rm"), lr=1e-3)
+                batch_size=pc.batch_size, micro_batch_size=pc.batch_size, epochs=pc.pref_epochs, lr=pc.pref_lr)
+    dpo_cfg = DPOConfig(**pref, out=str(out / "dpo"), beta=pc.dpo_beta)
+    rm_cfg = RMConfig(**pref, out=str(out / "rm"))
     ppo_cfgs = {algo: PPOConfig(**common, out=str(out / algo), algo=algo, prompts=str(data["prompts"]),
                                 policy=str(out / "sft" / "final"), dpo=str(out / "dpo" / "final"),
-                                rm=str(out / "rm" / "final"), lr=3e-4, critic_lr=1e-3, rollout_batch_size=64,
-                                batch_size=32, micro_batch_size=32, max_steps=pc.ppo_steps, beta1=pc.beta1,
+                                rm=str(out / "rm" / "final"), lr=pc.actor_lr, critic_lr=pc.critic_lr,
+                                rollout_batch_size=pc.batch_size, batch_size=pc.batch_size // 2,
+                                micro_batch_size=pc.batch_size // 2, max_steps=pc.ppo_steps, beta1=pc.beta1,
                                 dpo_clip=pc.dpo_clip)
                 for algo in pc.algos.split(",")}
     return sft, dpo_cfg, rm_cfg, ppo_cfgs
@@ -908,7 +945,7 @@ def run_all(pc: PipelineConfig):
     data = {k: out / "data" / f"{k}.jsonl" for k in ("sft", "prefs", "prompts", "eval_prefs", "eval_prompts")}
     if D.main:
         task.write_data(out / "data", pc.n_sft, pc.n_pref, pc.n_prompts, pc.n_eval, rng_seed=pc.seed)
-        train_tokenizer(task.corpus(), vocab_size=512).save(out / "tokenizer")
+        train_tokenizer(task.corpus(), vocab_size=pc.vocab_size).save(out / "tokenizer")
     barrier()
     sft_cfg, dpo_cfg, rm_cfg, ppo_cfgs = stage_configs(pc, data, out / "tokenizer")
     t0 = time.perf_counter()
