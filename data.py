@@ -369,15 +369,22 @@ def _sigmoid(x):
 
 @dataclass
 class WordTask:
-    """Prompt "topic <name>"; response: space-separated words. Each word w earns scores[topic, w]
-    and pays length_cost, so the true reward is a sum of per-word terms (the true per-token reward
-    when each word is one token, which the tokenizer trained on corpus() makes sure of)."""
+    """Prompt "topic <name>"; response: space-separated words. The gold reward of n words is
+
+        sum_i scores[topic, w_i]  -  length_cost * |n - target_words|
+
+    a sum of per-word terms plus a constant: word i earns scores[topic, w_i] + length_cost while
+    i < target_words and scores[topic, w_i] - length_cost after, on top of -length_cost * target_words.
+    That is the true per-token reward when each word is one token, which the tokenizer trained on
+    corpus() makes sure of. The length term has a target, not only a cost: with a pure per-word cost the
+    empty response beats the average one, and PPO against a small learned RM collapses onto it."""
     seed: int = 0  # seeds the score table
     n_topics: int = 4  # number of distinct prompts "topic <name>"
     n_words: int = 48  # response vocabulary size (first n_words of WORDS)
     min_words: int = 2  # neutral response length range, inclusive
     max_words: int = 10
-    length_cost: float = 0.5  # gold reward pays this per word, so long rambling is not free
+    length_cost: float = 0.5  # gold reward pays this per word of distance from target_words
+    target_words: int = 6  # the length the gold reward prefers (0: a plain per-word cost)
     unknown_word_score: float = -2.0  # score of a generated word not in the vocabulary
     topics: list = field(init=False, repr=False)
     words: list = field(init=False, repr=False)
@@ -416,17 +423,18 @@ class WordTask:
         return self.topics.index(parts[1])
 
     def word_rewards(self, prompt, response: str) -> list[float]:
-        """One true reward term per whitespace word: scores[topic, word] - length_cost."""
+        """One true reward term per whitespace word: scores[topic, word] +- length_cost (+ before the
+        target length, - after). gold_reward = sum of these - length_cost * target_words."""
         t = self.topic_of(prompt)
         out = []
         for w in response.split():
             i = self._word_index.get(w)
             score = float(self.scores[t, i]) if i is not None else self.unknown_word_score
-            out.append(score - self.length_cost)
+            out.append(score + (self.length_cost if len(out) < self.target_words else -self.length_cost))
         return out
 
     def gold_reward(self, prompt, response: str) -> float:
-        return float(sum(self.word_rewards(prompt, response)))
+        return float(sum(self.word_rewards(prompt, response))) - self.length_cost * self.target_words
 
     def _pair(self, rng):
         """A preference pair labelled by Bradley-Terry: P(a preferred) = sigmoid(gold(a) - gold(b))."""

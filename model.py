@@ -151,6 +151,9 @@ PRESETS = {
     # a few-hundred-KB model for unit tests and CPU demos
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=176, rope_theta=10000.0,
                  max_seq_len=512),
+    # ~0.8M parameters: the built-in task's default, trains the whole pipeline in minutes on 2 CPU cores
+    "small": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=344, rope_theta=10000.0,
+                  max_seq_len=512),
     # the ~12M-parameter config bench.py compares against the HF implementation
     "bench12m": dict(dim=384, n_layers=6, n_heads=6, n_kv_heads=2, vocab_size=4096, hidden_dim=1024,
                      rope_theta=10000.0, max_seq_len=1024),

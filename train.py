@@ -892,6 +892,7 @@ class PipelineConfig:
     algos: str = F("ppo,rto", f"comma-separated PPO variants to train and compare, from {','.join(rto.ALGOS)}")
     device: str = F("auto", "auto | cpu | cuda")
     preset: str = F("tiny", "model.py preset of the policy trained from scratch")
+    length_cost: float = F(0.5, "the task's gold reward pays this per word (data.WordTask.length_cost)")
     n_sft: int = F(4096, "SFT demonstrations (neutral responses)")
     n_pref: int = F(4096, "preference pairs labelled by Bradley-Terry on the gold reward")
     n_prompts: int = F(2048, "PPO training prompts")
@@ -909,6 +910,7 @@ class PipelineConfig:
     critic_lr: float = F(1e-3, "PPO critic learning rate")
     beta1: float = F(0.05, "scale of the DPO token reward in rto / semi-rto / dpo-only (reference: 0.05)")
     dpo_clip: float = F(0.05, "clip of each DPO token reward (reference: 0.05)")
+    beta2: float = F(0.01, "KL coefficient of every PPO variant (reference: 0.01)")
     progress: bool = F(True, "show tqdm bars")
 
 
@@ -930,7 +932,7 @@ def stage_configs(pc: PipelineConfig, data: dict, tok_dir: Path):
                                 rm=str(out / "rm" / "final"), lr=pc.actor_lr, critic_lr=pc.critic_lr,
                                 rollout_batch_size=pc.batch_size, batch_size=pc.batch_size // 2,
                                 micro_batch_size=pc.batch_size // 2, max_steps=pc.ppo_steps, beta1=pc.beta1,
-                                dpo_clip=pc.dpo_clip)
+                                dpo_clip=pc.dpo_clip, beta2=pc.beta2)
                 for algo in pc.algos.split(",")}
     return sft, dpo_cfg, rm_cfg, ppo_cfgs
 
@@ -941,7 +943,7 @@ def run_all(pc: PipelineConfig):
     for algo in pc.algos.split(","):
         if algo not in rto.ALGOS:
             raise ValueError(f"--algos: unknown {algo!r}; choose from {rto.ALGOS}")
-    task = WordTask(seed=pc.seed)
+    task = WordTask(seed=pc.seed, length_cost=pc.length_cost)
     data = {k: out / "data" / f"{k}.jsonl" for k in ("sft", "prefs", "prompts", "eval_prefs", "eval_prompts")}
     if D.main:
         task.write_data(out / "data", pc.n_sft, pc.n_pref, pc.n_prompts, pc.n_eval, rng_seed=pc.seed)

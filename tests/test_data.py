@@ -309,8 +309,23 @@ def test_collate_layout():
 # -----------------------------------------------------------------------------
 # WordTask
 
+def test_gold_reward_with_target_length():
+    """-length_cost * |n - target| by hand, for responses shorter than, at and longer than the target."""
+    task = WordTask(seed=5, n_topics=2, n_words=6, length_cost=0.5, target_words=3)
+    prompt = "topic " + task.topics[1]
+    s = task.scores[1]
+    for idx in ([], [0], [0, 1, 2], [5, 4, 3, 2, 1]):
+        response = " ".join(task.words[i] for i in idx)
+        expected = sum(s[i] for i in idx) - 0.5 * abs(len(idx) - 3)
+        assert task.gold_reward(prompt, response) == pytest.approx(expected)
+        assert sum(task.word_rewards(prompt, response)) - 0.5 * 3 == pytest.approx(expected)
+    # per-word terms: + length_cost before the target, - after
+    resp = " ".join(task.words[i] for i in [0, 1, 2, 3])
+    assert task.word_rewards(prompt, resp) == pytest.approx([s[0] + .5, s[1] + .5, s[2] + .5, s[3] - .5])
+
+
 def test_gold_reward_hand_computed():
-    task = WordTask(seed=3, n_topics=3, n_words=10, length_cost=0.25, unknown_word_score=-1.5)
+    task = WordTask(seed=3, n_topics=3, n_words=10, length_cost=0.25, unknown_word_score=-1.5, target_words=0)
     assert task.scores.shape == (3, 10)
     prompt = "topic " + task.topics[2]
     response = f"{task.words[4]} {task.words[0]} zzz {task.words[4]}"
