@@ -535,3 +535,39 @@ def test_torchrun_kill_and_resume(inputs, stage_runs, tmp_path):
         assert got[s]["loss"] == want[s]["loss"], f"step {s}: {got[s]['loss']!r} != {want[s]['loss']!r}"
     wa, wb = safetensors_weights(out / "final"), safetensors_weights(ref / "final")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+FAILING_RANK = '''
+import sys
+sys.path.insert(0, {root!r})
+import train
+
+real_reduce = train.reduce_metrics
+
+
+def reduce_metrics(*args, **kwargs):  # rank 1 dies at its first metrics reduction; rank 0 waits in the all-reduce
+    if train.D.rank == 1:
+        raise RuntimeError("injected failure on rank 1")
+    return real_reduce(*args, **kwargs)
+
+
+train.reduce_metrics = reduce_metrics
+from torch.distributed.elastic.multiprocessing.errors import record
+record(train.main)()
+'''
+
+
+def test_exception_on_one_rank_ends_the_job(inputs, tmp_path):
+    """A rank that raises while the other waits in a collective: the job must end (not hang) with a failure
+    exit code, and that rank's error must be in the output."""
+    script = tmp_path / "failing_rank.py"
+    script.write_text(FAILING_RANK.format(root=str(ROOT)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(script), "sft", *map(str, stage_args("sft", inputs, tmp_path / "out"))]
+    t0 = time.time()
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert "injected failure on rank 1" in out and "[rank 1] failed" in out
+    assert time.time() - t0 < 90  # ended by torchrun, not by our timeout
+    assert not (tmp_path / "out" / "final").exists()
