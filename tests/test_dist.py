@@ -322,6 +322,17 @@ def test_two_processes_match_one(stage, stage_runs):
 # 3. kill and resume, one process: exact reproduction on CPU
 
 
+def assert_same_sft_run(out: Path, ref: Path):
+    """Every one of the 12 SFT steps' losses and the final weights are exactly (==) those of the reference run."""
+    got, want = by_step(metrics(out)), by_step(metrics(ref))
+    assert sorted(want) == list(range(1, 13))
+    assert sorted(got) == sorted(want), f"steps after resume: {sorted(got)}"
+    for s in want:
+        assert got[s]["loss"] == want[s]["loss"], f"step {s}: {got[s]['loss']!r} != {want[s]['loss']!r}"
+    wa, wb = safetensors_weights(out / "final"), safetensors_weights(ref / "final")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_sft_kill_and_resume_is_exact(inputs, stage_runs, tmp_path):
     ref = stage_runs("sft")[0]  # the uninterrupted 1-process run of the same command
     out = tmp_path / "killed"
@@ -332,13 +343,7 @@ def test_sft_kill_and_resume_is_exact(inputs, stage_runs, tmp_path):
     log = run(cmd + ["--resume"], tmp_path / "resumed.log")
     assert f"at step {max(ckpts)}" in log  # resumed from the newest complete checkpoint
     # Exact (==), every step: same batches (derived from (seed, step)), same optimizer/scheduler state.
-    got, want = by_step(metrics(out)), by_step(metrics(ref))
-    assert sorted(want) == list(range(1, 13))
-    assert sorted(got) == sorted(want), f"steps after resume: {sorted(got)}"
-    for s in want:
-        assert got[s]["loss"] == want[s]["loss"], f"step {s}: {got[s]['loss']!r} != {want[s]['loss']!r}"
-    wa, wb = safetensors_weights(out / "final"), safetensors_weights(ref / "final")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert_same_sft_run(out, ref)
 
 
 def test_ppo_kill_and_resume_is_exact(inputs, tmp_path):
@@ -528,13 +533,7 @@ def test_torchrun_kill_and_resume(inputs, stage_runs, tmp_path):
     assert f"at step {max(ckpts)}" in log
     # Tolerance 0: the resumed run does the same arithmetic in the same order as the uninterrupted one (same
     # world size, same shards, same reduction order), so it reproduces it bit for bit.
-    got, want = by_step(metrics(out)), by_step(metrics(ref))
-    assert sorted(want) == list(range(1, 13))
-    assert sorted(got) == sorted(want), f"steps after resume: {sorted(got)}"
-    for s in want:
-        assert got[s]["loss"] == want[s]["loss"], f"step {s}: {got[s]['loss']!r} != {want[s]['loss']!r}"
-    wa, wb = safetensors_weights(out / "final"), safetensors_weights(ref / "final")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert_same_sft_run(out, ref)
 
 
 FAILING_RANK = '''
