@@ -470,7 +470,9 @@ class Logger:
         self.path, self.keys = run_dir / "metrics.jsonl", keys
         if D.main and self.path.exists():  # a resumed run rewrites what the killed run logged after its checkpoint
             rows = [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= resume_step))
+            tmp = self.path.with_suffix(".jsonl.tmp")  # rewritten beside, then renamed: a crash loses nothing
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= resume_step))
+            os.replace(tmp, self.path)
 
     def log(self, step: int, metrics: dict):
         if not D.main:
