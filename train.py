@@ -714,6 +714,11 @@ def run_ppo(cfg: PPOConfig, gold=None) -> Path:
     for flag, needed in (("policy", True), ("prompts", True), ("dpo", uses_dpo), ("rm", uses_rm)):
         if needed and not getattr(cfg, flag):
             raise ValueError(f"--algo {cfg.algo} needs --{flag}")
+    if uses_dpo and D.main:  # RTO's token reward is log(pi_dpo / pi_ref): pi_ref must be the DPO run's reference
+        dpo_cfg = Path(cfg.dpo) / "train_config.json"
+        dpo_ref = json.loads(dpo_cfg.read_text()).get("model") if dpo_cfg.is_file() else None
+        if dpo_ref is not None and Path(dpo_ref).resolve() != Path(cfg.policy).resolve():
+            print0(f"warning: {cfg.dpo} was trained from {dpo_ref}, but --policy (pi_ref) is {cfg.policy}")
     tok = Tokenizer.from_dir(cfg.policy)
     prompt_rows = read_prompts(cfg.prompts)
     prompts = [tok.encode_prompt(r.prompt, cfg.max_prompt_len) for r in prompt_rows]
