@@ -151,7 +151,7 @@ PRESETS = {
     # a few-hundred-KB model for unit tests and CPU demos
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=176, rope_theta=10000.0,
                  max_seq_len=512),
-    # ~0.8M parameters: the built-in task's default, trains the whole pipeline in minutes on 2 CPU cores
+    # ~0.8M parameters: a step up from tiny for the built-in task (--preset small), still minutes on a CPU
     "small": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=344, rope_theta=10000.0,
                   max_seq_len=512),
     # the ~12M-parameter config bench.py compares against the HF implementation

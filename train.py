@@ -486,10 +486,12 @@ class Logger:
 def start_run(cfg: Config) -> Path:
     run_dir = Path(cfg.out)
     if D.main:
+        if not getattr(cfg, "resume", False) and (old := latest_checkpoint(run_dir)) is not None:
+            # a fresh run would later --resume into, or overwrite, another run's state: refuse, delete nothing
+            raise FileExistsError(f"{old} holds a resumable checkpoint: pass --resume to continue that run, "
+                                  f"or remove {run_dir / 'checkpoints'} (or pick another --out) to start over")
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "train_config.json").write_text(config_json(cfg))
-        if not getattr(cfg, "resume", False):  # a fresh run must never --resume into an older run's checkpoint
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     print0(f"== {type(cfg).__name__} ({D.world} process{'es' if D.world > 1 else ''}, {D.device})\n"
            + config_json(cfg))
     barrier()
@@ -727,7 +729,8 @@ def run_ppo(cfg: PPOConfig, gold=None) -> Path:
     ref = frozen(shard(load_model(cfg.policy, "lm", tok=tok), cfg))  # pi_ref = the SFT model, for KL and RTO
     dpo_model = frozen(shard(load_model(cfg.dpo, "lm", tok=tok), cfg)) if uses_dpo else None
     rm_model = frozen(shard(load_model(cfg.rm, "score", tok=tok), cfg)) if uses_rm else None
-    critic = shard(load_model(cfg.critic or cfg.rm or cfg.policy, "score", tok=tok), cfg)
+    # the critic starts from the reward model, as the reference code does (dpo-only has none: the SFT backbone)
+    critic = shard(load_model(cfg.critic or (cfg.rm if uses_rm else cfg.policy), "score", tok=tok), cfg)
     if uses_rm and cfg.normalize_reward:
         if rm_model.args.score_std is None:
             raise ValueError(f"{cfg.rm}/config.json has no rto_score_mean/rto_score_std: train it with "
@@ -735,10 +738,10 @@ def run_ppo(cfg: PPOConfig, gold=None) -> Path:
         score_mean, score_std = rm_model.args.score_mean, rm_model.args.score_std
     else:
         score_mean, score_std = 0.0, 1.0
-    # A critic that starts as the reward model predicts raw scores; the returns it regresses on are built from
-    # normalised ones. As the reference code's critic does, read its outputs through the same normalisation.
-    value_shift, value_scale = ((score_mean, score_std) if uses_rm and cfg.normalize_reward and not cfg.critic
-                                else (0.0, 1.0))
+    # A critic that starts as a reward model predicts raw scores; the returns it regresses on are built from
+    # normalised ones. As the reference code's critic does, read its outputs through its own stored normalisation.
+    critic_stats = critic.args.score_std is not None and uses_rm and cfg.normalize_reward
+    value_shift, value_scale = (critic.args.score_mean, critic.args.score_std) if critic_stats else (0.0, 1.0)
 
     def values_of(b):
         """V(s_h) for every response token: the critic's output at the position before token h."""
@@ -899,7 +902,8 @@ class PipelineConfig:
     algos: str = F("ppo,rto", f"comma-separated PPO variants to train and compare, from {','.join(rto.ALGOS)}")
     device: str = F("auto", "auto | cpu | cuda")
     preset: str = F("tiny", "model.py preset of the policy trained from scratch")
-    length_cost: float = F(0.5, "the task's gold reward pays this per word (data.WordTask.length_cost)")
+    length_cost: float = F(0.5, "the task's gold reward pays this per word of distance from target_words")
+    target_words: int = F(6, "the response length the gold reward prefers (0: a plain per-word cost)")
     n_sft: int = F(4096, "SFT demonstrations (neutral responses)")
     n_pref: int = F(4096, "preference pairs labelled by Bradley-Terry on the gold reward")
     n_prompts: int = F(2048, "PPO training prompts")
@@ -950,7 +954,7 @@ def run_all(pc: PipelineConfig):
     for algo in pc.algos.split(","):
         if algo not in rto.ALGOS:
             raise ValueError(f"--algos: unknown {algo!r}; choose from {rto.ALGOS}")
-    task = WordTask(seed=pc.seed, length_cost=pc.length_cost)
+    task = WordTask(seed=pc.seed, length_cost=pc.length_cost, target_words=pc.target_words)
     data = {k: out / "data" / f"{k}.jsonl" for k in ("sft", "prefs", "prompts", "eval_prefs", "eval_prompts")}
     if D.main:
         task.write_data(out / "data", pc.n_sft, pc.n_pref, pc.n_prompts, pc.n_eval, rng_seed=pc.seed)
@@ -1055,7 +1059,9 @@ def parse_args(argv: list[str]):
             else:
                 typ = {"int": int, "float": float, "str": str}.get(f.type, type(default))
                 p.add_argument(f"--{f.name}", type=typ, default=default, help=f_help)
-    ns = parser.parse_args(argv or ["all"])
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["all", *argv]  # `python train.py --seed 1` is the pipeline with a flag
+    ns = parser.parse_args(argv)
     cls, fn = STAGES[ns.stage or "all"]
     kwargs = {k: v for k, v in vars(ns).items() if k != "stage" and v is not None}
     return cls(**kwargs), fn

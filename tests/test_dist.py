@@ -497,22 +497,25 @@ def test_resume_skips_leftover_tmp(inputs, stage_runs, tmp_path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wb)
 
 
-def test_fresh_run_over_stale_checkpoints(inputs, stage_runs, tmp_path):
+def test_fresh_run_refuses_a_directory_with_a_checkpoint(inputs, stage_runs, tmp_path):
     """The same command without --resume in a directory that an earlier (killed) run left a checkpoint in: it
-    must start from scratch, overwrite what it meets, and give exactly the reference run."""
+    must refuse with an error naming the checkpoint, and leave that checkpoint and the old metrics untouched."""
     ref = stage_runs("sft")[0]
     out = tmp_path / "run"
     stale = out / "checkpoints" / "step_000003"  # e.g. from an earlier run killed after its first checkpoint
     shutil.copytree(ref / "checkpoints" / "step_000009", stale)
     (stale / "meta.json").write_text(json.dumps({**json.loads((stale / "meta.json").read_text()), "step": 3}))
-    (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": -1.0}) + "\n")  # a stale row
-    run(command(1, "sft", *stage_args("sft", inputs, out)), tmp_path / "run.log")
-    got, want = by_step(metrics(out)), by_step(metrics(ref))
-    assert sorted(got) == sorted(want) == list(range(1, 13))
-    for s in want:
-        assert got[s]["loss"] == want[s]["loss"], s
-    assert complete_checkpoints(out) == [9]
-    assert json.loads((out / "checkpoints" / "step_000009" / "meta.json").read_text())["step"] == 9
+    before = {p.name: p.read_bytes() for p in stale.iterdir()}
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": -1.0}) + "\n")
+    p = subprocess.run(command(1, "sft", *stage_args("sft", inputs, out)), cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=TIMEOUT)
+    assert p.returncode != 0
+    assert "step_000003 holds a resumable checkpoint: pass --resume" in p.stderr
+    assert {p.name: p.read_bytes() for p in stale.iterdir()} == before
+    assert metrics(out) == [{"step": 1, "loss": -1.0}] and not (out / "final").exists()
+    # and --resume continues it: steps 4..12 from the planted step-3 state (really step 9's weights)
+    run(command(1, "sft", *stage_args("sft", inputs, out), "--resume"), tmp_path / "resumed.log")
+    assert sorted(by_step(metrics(out))) == [1, *range(4, 13)]  # the old row 1 (<= step 3) kept, then 4..12
 
 
 # ----------------------------------------------------------------------------------------------------------
