@@ -932,17 +932,18 @@ def stage_configs(pc: PipelineConfig, data: dict, tok_dir: Path):
     out = Path(pc.out)
     common = dict(seed=pc.seed, device=pc.device, progress=pc.progress, max_prompt_len=pc.max_len,
                   max_response_len=pc.max_len)
+    micro = pc.batch_size // D.world  # each rank's share of a batch in one forward pass
     sft = SFTConfig(**common, out=str(out / "sft"), data=str(data["sft"]), tokenizer=str(tok_dir), preset=pc.preset,
-                    lr=pc.sft_lr, batch_size=pc.batch_size, micro_batch_size=pc.batch_size, epochs=pc.sft_epochs)
+                    lr=pc.sft_lr, batch_size=pc.batch_size, micro_batch_size=micro, epochs=pc.sft_epochs)
     pref = dict(common, data=str(data["prefs"]), eval_data=str(data["eval_prefs"]), model=str(out / "sft" / "final"),
-                batch_size=pc.batch_size, micro_batch_size=pc.batch_size, epochs=pc.pref_epochs, lr=pc.pref_lr)
+                batch_size=pc.batch_size, micro_batch_size=micro, epochs=pc.pref_epochs, lr=pc.pref_lr)
     dpo_cfg = DPOConfig(**pref, out=str(out / "dpo"), beta=pc.dpo_beta)
     rm_cfg = RMConfig(**pref, out=str(out / "rm"))
     ppo_cfgs = {algo: PPOConfig(**common, out=str(out / algo), algo=algo, prompts=str(data["prompts"]),
                                 policy=str(out / "sft" / "final"), dpo=str(out / "dpo" / "final"),
                                 rm=str(out / "rm" / "final"), lr=pc.actor_lr, critic_lr=pc.critic_lr,
                                 rollout_batch_size=pc.batch_size, batch_size=pc.batch_size // 2,
-                                micro_batch_size=pc.batch_size // 2, max_steps=pc.ppo_steps, beta1=pc.beta1,
+                                micro_batch_size=micro // 2, max_steps=pc.ppo_steps, beta1=pc.beta1,
                                 dpo_clip=pc.dpo_clip, beta2=pc.beta2)
                 for algo in pc.algos.split(",")}
     return sft, dpo_cfg, rm_cfg, ppo_cfgs

@@ -573,3 +573,18 @@ def test_exception_on_one_rank_ends_the_job(inputs, tmp_path):
     assert "injected failure on rank 1" in out and "[rank 1] failed" in out
     assert time.time() - t0 < 90  # ended by torchrun, not by our timeout
     assert not (tmp_path / "out" / "final").exists()
+
+
+def test_torchrun_pipeline_with_fewer_eval_prompts_than_ranks(tmp_path):
+    """`all` under torchrun (the micro-batches split over ranks), with one held-out prompt for two ranks: the
+    rank without a prompt of its own still does the same forward passes (FSDP), and the prompt counts once."""
+    out = tmp_path / "all2"
+    run(command(2, "all", "--out", out, "--n_sft", 128, "--n_pref", 128, "--n_prompts", 128, "--n_eval", 1,
+                "--sft_epochs", 1, "--pref_epochs", 1, "--ppo_steps", 1, "--algos", "rto", "--no-progress"),
+        tmp_path / "all2.log", timeout=TIMEOUT)
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["policies"]) == {"sft", "dpo", "rto"}
+    for r in res["policies"].values():
+        # one response of at most max_len (16) tokens: a prompt counted on both ranks would sum to 2 responses
+        assert 1 <= r["len"] <= 16 and r["len"] == int(r["len"])
+    assert res["policies"]["sft"]["kl"] == 0.0 and res["policies"]["sft"]["win_vs_sft"] == 0.5

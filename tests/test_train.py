@@ -133,3 +133,18 @@ def test_pipeline_learns_the_built_in_task(tmp_path):
     for algo in ("ppo", "rto"):
         assert summary[algo]["gold"] > summary["sft"]["gold"] + 0.5, summary
         assert summary[algo]["win_vs_sft"] > 0.55, summary
+
+
+def test_bf16_checkpoint_trains_in_fp32(tmp_path):
+    """HF Llama-3 checkpoints ship bf16: a stage must load them as fp32 master weights (in bf16, an AdamW step of
+    5e-7 on a weight of 0.02 rounds to no change at all)."""
+    torch.manual_seed(0)
+    model = Llama(ModelArgs.preset("tiny")).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    loaded = train.load_model(str(tmp_path / "bf16"))
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a.float(), b), name
+    w = torch.tensor(0.02, dtype=torch.bfloat16)
+    assert w - 5e-7 == w  # why it matters
