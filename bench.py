@@ -88,7 +88,7 @@ def main():
     pmask = torch.ones_like(prompts)
 
     def our_gen():
-        toks, _ = generate(ours, prompts, pmask, a.new_tokens, eos_id=-1, pad_id=0, temperature=0)
+        toks, _ = generate(ours, prompts, pmask, a.new_tokens, stop_ids=[], pad_id=0, temperature=0)
         assert toks.shape[1] == a.new_tokens
         return toks
 

@@ -39,6 +39,7 @@ class DataError(ValueError):
 class SFTRow:
     prompt: list[Message]
     response: str
+    where: str = field(default="", compare=False)  # "file:line", for errors raised when the row is encoded
 
 
 @dataclass
@@ -46,11 +47,13 @@ class PrefRow:
     prompt: list[Message]
     chosen: str
     rejected: str
+    where: str = field(default="", compare=False)
 
 
 @dataclass
 class PromptRow:
     prompt: list[Message]
+    where: str = field(default="", compare=False)
 
 
 def _err(path, lineno, key, what):
@@ -151,7 +154,7 @@ def read_sft(path) -> list[SFTRow]:
                 raise _err(path, lineno, "prompt", "missing (expected 'prompt' and 'response', or 'messages')")
             prompt = _prompt(obj["prompt"], "prompt", path, lineno)
             response = _text(_get(obj, "response", path, lineno), "response", path, lineno)
-        rows.append(SFTRow(prompt, response))
+        rows.append(SFTRow(prompt, response, f"{path}:{lineno}"))
     return rows
 
 
@@ -188,7 +191,7 @@ def read_preferences(path) -> list[PrefRow]:
                 raise _err(path, lineno, "rejected", "earlier messages differ from those of 'chosen'; "
                            "a pair must share its prompt")
             prompt = _prompt(chosen_ctx, "chosen", path, lineno)
-        rows.append(PrefRow(prompt, chosen, rejected))
+        rows.append(PrefRow(prompt, chosen, rejected, f"{path}:{lineno}"))
     return rows
 
 
@@ -197,100 +200,328 @@ def read_prompts(path) -> list[PromptRow]:
     rows = []
     for lineno, obj in _lines(path):
         key = "prompt" if "prompt" in obj or "messages" not in obj else "messages"
-        rows.append(PromptRow(_prompt(_get(obj, key, path, lineno), key, path, lineno)))
+        rows.append(PromptRow(_prompt(_get(obj, key, path, lineno), key, path, lineno), f"{path}:{lineno}"))
     return rows
 
 
 # -----------------------------------------------------------------------------
-# Tokenizer
+# Tokenizer: the checkpoint's special tokens, stop ids and chat template, read the way transformers reads them
 
-CHAT_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
+# Only for a bare tokenizer.json with no tokenizer_config.json: the special tokens are then guessed by name, among
+# the tokenizer's added *special* tokens only (many vocabularies also hold "<s>" or "</s>" as ordinary text).
+FALLBACK_NAMES = {
+    "bos_token": ["<|begin_of_text|>", "<|bos|>", "<s>", "<bos>"],
+    "eos_token": ["<|eot_id|>", "<|im_end|>", "<end_of_turn>", "<|end_of_text|>", "<|eos|>", "</s>", "<eos>",
+                  "<|endoftext|>"],
+    "pad_token": ["<|finetune_right_pad_id|>", "<|pad|>", "<pad>"],
+    "unk_token": ["<unk>", "<|unk|>", "[UNK]"],
+}
+NEW_PAD = "<|pad|>"  # added (and the embedding grown by one row) only when the tokenizer has no usable pad at all
+# Stands in for an assistant message when probing a chat template for what closes an assistant turn.
+SENTINEL = "RTO_SENTINEL_7c1f"
 
 
-def _first_id(tk, names):
-    for name in names:
-        i = tk.token_to_id(name)
-        if i is not None:
-            return i
-    return None
+def read_json_file(path: Path) -> dict | None:
+    """A JSON object from path, or None when the file does not exist; a malformed file names itself."""
+    if not path.is_file():
+        return None
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _token_content(value, where: str) -> str | None:
+    """A special-token field of tokenizer_config.json: a string, an AddedToken dict {"content": ...}, or null."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise DataError(f"{where}: expected a token string or an object with 'content', got {value!r}")
+
+
+def _id_list(value, where: str) -> list[int]:
+    """eos_token_id of generation_config.json / config.json: an int, a list of ints (Llama-3.1), or null."""
+    if value is None:
+        return []
+    vals = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+        raise DataError(f"{where}: expected an int or a list of ints, got {value!r}")
+    return vals
+
+
+def compile_chat_template(source: str, where: str):
+    """A chat template compiled the way transformers' apply_chat_template compiles it: a sandboxed jinja2
+    environment (a template is data from a checkpoint: it must not reach Python objects or files), trim_blocks and
+    lstrip_blocks, loop controls, the helpers templates call (raise_exception, strftime_now, a tojson that does
+    not escape HTML) and the {% generation %} block some templates mark the assistant's text with."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    class Generation(jinja2.ext.Extension):  # renders its body unchanged (transformers uses it to find masks)
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: __import__("datetime").datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise DataError(f"{where}: chat_template line {e.lineno}: {e.message}") from None
 
 
 class Tokenizer:
-    """A `tokenizers.Tokenizer` plus the special ids and the two prompt formats (Llama-3 chat, plain)."""
+    """A `tokenizers.Tokenizer` plus what its checkpoint says about it: the special tokens, the ids that end a
+    response, and the chat template (without one, a plain "role: text" format).
 
-    def __init__(self, tk: tokenizers.Tokenizer):
-        self.tk = tk
-        self.chat = all(tk.token_to_id(t) is not None for t in CHAT_TOKENS)
-        self.bos_id = _first_id(tk, ["<|begin_of_text|>", "<|bos|>", "<s>"])
-        # a chat model ends its turn with <|eot_id|>; <|end_of_text|> only ends documents
-        eos_names = ["<|eot_id|>"] if self.chat else ["<|end_of_text|>", "<|eos|>", "</s>"]
-        self.eos_id = _first_id(tk, eos_names)
-        if self.bos_id is None:
-            raise ValueError("tokenizer has no BOS token (<|begin_of_text|>, <|bos|> or <s>)")
-        if self.eos_id is None:
-            raise ValueError(f"tokenizer has no EOS token ({' or '.join(eos_names)})")
-        # pad must differ from eos, or the policy never learns to stop and the RM reads the wrong index
-        self.pad_id = _first_id(tk, ["<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "<|reserved_special_token_0|>"])
-        if self.pad_id is None:
-            # the new id is one past the base vocab: the model's embedding must cover it (train.py checks)
-            tk.add_special_tokens(["<|pad|>"])
-            self.pad_id = tk.token_to_id("<|pad|>")
-        assert self.pad_id != self.eos_id, "pad and eos must be different tokens"
+    - bos_id: tokenizer_config.json's bos_token (None for checkpoints without one, e.g. ChatML models).
+    - eos_id: the token a training response ends with, and so the one the policy learns to emit and the reward
+      model reads its score at: the end-of-turn token the chat template closes an assistant turn with
+      (<|eot_id|>, <|im_end|>, <end_of_turn>, </s>), or eos_token without a template.
+    - stop_ids: every id that ends a sampled response: eos_id, eos_token and generation_config.json's
+      eos_token_id (a list for Llama-3.1-Instruct).
+    - pad_id: only ever fills; where a row ends comes from its mask, never from the pad id. It is still never a stop
+      id, because Hugging Face's sequence classifier reads its score at the last token that is not pad: a reward
+      model exported with pad == eos would be read one token early by every tool that loads it.
+    notes lists what was chosen and why (train.py prints them at load).
+    """
+
+    def __init__(self, tk: tokenizers.Tokenizer, config: dict | None = None, generation_config: dict | None = None,
+                 chat_template: str | None = None, source: str = "tokenizer", template_file: bool = False):
+        self.tk, self.source = tk, source
+        self.config = dict(config) if config is not None else None  # tokenizer_config.json as read
+        self.generation_config = dict(generation_config or {})
+        self.template_file = template_file  # the template came from chat_template.jinja (written back there)
+        self.notes: list[str] = []
+        self.added_tokens: list[str] = []  # tokens this class added to the vocabulary (the embedding must grow)
+        added = {t.content: i for i, t in tk.get_added_tokens_decoder().items() if t.special}
+        if config is None:
+            self.tokens = {k: next((n for n in names if n in added), None) for k, names in FALLBACK_NAMES.items()}
+            self.notes.append(f"{source}: no tokenizer_config.json, special tokens chosen by name: "
+                              + ", ".join(f"{k} {v!r}" for k, v in self.tokens.items()))
+        else:
+            self.tokens = {k: _token_content(config.get(k), f"{source}: tokenizer_config.json field '{k}'")
+                           for k in SPECIAL_KEYS}
+        ids = {}
+        for key, text in self.tokens.items():
+            if text is not None:
+                ids[key] = tk.token_to_id(text)
+                if ids[key] is None:
+                    raise DataError(f"{source}: tokenizer_config.json field '{key}' is {text!r}, "
+                                    f"which tokenizer.json does not hold")
+        if "eos_token" not in ids:
+            raise DataError(f"{source}: no EOS token: tokenizer_config.json has no 'eos_token'"
+                            + (" (and no added special token is named like one)" if config is None else ""))
+        self.bos_id, self.eos_id = ids.get("bos_token"), ids["eos_token"]
+        stops = {self.eos_id, *_id_list(self.generation_config.get("eos_token_id"),
+                                        f"{source}: generation_config.json field 'eos_token_id'")}
+        self.chat_template = chat_template
+        self._template = compile_chat_template(chat_template, source) if chat_template else None
+        self._turn_tail = ""  # what the template writes after an assistant message's text
+        if self._template is not None:
+            eot = self._end_of_turn()
+            if eot is not None and eot != self.eos_id:
+                self.notes.append(f"{source}: the chat template ends an assistant turn with "
+                                  f"{tk.id_to_token(eot)!r} (id {eot}): responses end there, and it stops sampling")
+                self.eos_id = eot
+            stops.add(self.eos_id)
+        self.stop_ids = sorted(stops)
+        self.pad_id = self._choose_pad(ids.get("pad_token"), ids.get("unk_token"), added)
         self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def chat(self) -> bool:
+        return self._template is not None
+
+    def _choose_pad(self, declared, unk, added) -> int:
+        stops = set(self.stop_ids)
+        if declared is not None and declared not in stops:
+            return declared
+        why = ("declares no pad_token" if declared is None else
+               f"declares pad_token {self.tokens['pad_token']!r}, which also ends responses")
+        # an added special token named like a pad (<|finetune_right_pad_id|>, <pad>, <｜▁pad▁｜>), else a reserved one
+        named = sorted(i for t, i in added.items() if "pad" in t.lower() and i not in stops)
+        reserved = sorted(i for t, i in added.items() if "reserved" in t and i not in stops)
+        if named or reserved:
+            pad = (named or reserved)[0]
+        elif unk is not None and unk not in stops:
+            pad = unk
+        else:
+            self.tk.add_special_tokens([tokenizers.AddedToken(NEW_PAD, special=True, normalized=False)])
+            pad = self.tk.token_to_id(NEW_PAD)
+            self.added_tokens.append(NEW_PAD)
+        self.tokens["pad_token"] = self.tk.id_to_token(pad)
+        self.notes.append(f"{self.source}: the tokenizer {why}; padding with {self.tokens['pad_token']!r} (id {pad})"
+                          + (", a new token" if self.added_tokens else "") + "; exports declare it as pad_token")
+        return pad
 
     @classmethod
     def from_dir(cls, d) -> "Tokenizer":
-        path = Path(d) / "tokenizer.json"
+        """Read a checkpoint directory the way transformers' AutoTokenizer + GenerationConfig do:
+        tokenizer.json; special tokens from tokenizer_config.json (special_tokens_map.json overrides them when
+        tokenizer_config.json lists no added_tokens_decoder, transformers' legacy rule); the chat template from
+        chat_template.jinja, else tokenizer_config.json's chat_template (a list of named templates: "default");
+        stop ids from generation_config.json, else config.json's eos_token_id."""
+        d = Path(d)
+        path = d / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no tokenizer file (expected a HF tokenizers 'tokenizer.json')")
-        return cls(tokenizers.Tokenizer.from_file(str(path)))
+        try:
+            tk = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # the Rust parser's message says what is wrong
+            raise DataError(f"{path}: not a tokenizers file: {e}") from None
+        config = read_json_file(d / "tokenizer_config.json")
+        smap = read_json_file(d / "special_tokens_map.json")
+        if smap is not None and (config is None or "added_tokens_decoder" not in config):
+            config = {**(config or {}), **{k: v for k, v in smap.items() if k in SPECIAL_KEYS}}
+        template, template_file = None, (d / "chat_template.jinja").is_file()
+        if template_file:
+            template = (d / "chat_template.jinja").read_text(encoding="utf-8")
+        elif config is not None and config.get("chat_template"):
+            template = config["chat_template"]
+            if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+                named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+                if "default" not in named:
+                    raise DataError(f"{d / 'tokenizer_config.json'}: field 'chat_template' lists templates "
+                                    f"{sorted(named)} but none named 'default'")
+                template = named["default"]
+            if not isinstance(template, str):
+                raise DataError(f"{d / 'tokenizer_config.json'}: field 'chat_template' is not a string")
+        gen = read_json_file(d / "generation_config.json")
+        if gen is None:  # transformers builds the generation config from the model's config.json
+            model_cfg = read_json_file(d / "config.json") or {}
+            gen = {k: model_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in model_cfg}
+        return cls(tk, config, gen, template, source=str(d), template_file=template_file)
+
+    def hf_files(self) -> dict[str, str]:
+        """What AutoTokenizer reads: tokenizer.json, tokenizer_config.json (the input's, chat template and special
+        tokens intact, pad_token set to the one used here), special_tokens_map.json, and chat_template.jinja when
+        the input kept the template there."""
+        cfg = dict(self.config) if self.config is not None else {
+            "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+        for key, text in self.tokens.items():
+            if text is not None and _token_content(cfg.get(key), key) != text:
+                cfg[key] = text
+        if self.added_tokens and "added_tokens_decoder" in cfg:
+            cfg["added_tokens_decoder"] = {**cfg["added_tokens_decoder"], **{
+                str(self.tk.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                              "single_word": False, "special": True} for t in self.added_tokens}}
+        files = {"tokenizer.json": self.tk.to_str()}
+        if self.template_file:
+            files["chat_template.jinja"] = self.chat_template
+        elif self.chat_template is not None:
+            cfg["chat_template"] = self.chat_template
+        files["tokenizer_config.json"] = json.dumps(cfg, indent=2, ensure_ascii=False) + "\n"
+        files["special_tokens_map.json"] = json.dumps({k: v for k, v in self.tokens.items() if v is not None},
+                                                      indent=2, ensure_ascii=False) + "\n"
+        return files
+
+    def generation_config_json(self) -> str:
+        """generation_config.json: the input's (sampling defaults kept) with this tokenizer's ids; eos_token_id
+        lists every stop id, so transformers' and vLLM's generate stop where ours does."""
+        ids = {"bos_token_id": self.bos_id, "pad_token_id": self.pad_id,
+               "eos_token_id": self.stop_ids[0] if len(self.stop_ids) == 1 else self.stop_ids}
+        return json.dumps({**self.generation_config, **ids}, indent=2) + "\n"
 
     def save(self, d):
         Path(d).mkdir(parents=True, exist_ok=True)
-        self.tk.save(str(Path(d) / "tokenizer.json"))
+        for name, text in self.hf_files().items():
+            (Path(d) / name).write_text(text, encoding="utf-8")
 
     def encode(self, text: str) -> list[int]:
-        """Plain text -> ids, with no BOS/EOS added (add_special_tokens=False skips any post-processor)."""
+        """Text -> ids, special tokens in the text recognised as themselves, no BOS/EOS added (as transformers'
+        apply_chat_template tokenizes: add_special_tokens=False skips the post-processor)."""
         return self.tk.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids, skip_special=True) -> str:
         return self.tk.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 
+    def render(self, messages, add_generation_prompt: bool) -> str:
+        """The chat template applied to messages, with the context transformers gives it (bos_token, eos_token,
+        ... as strings; tools and documents None)."""
+        import jinja2
+
+        ctx = {k: v for k, v in self.tokens.items() if v is not None}
+        if self.config and self.config.get("additional_special_tokens"):
+            ctx["additional_special_tokens"] = [_token_content(t, "additional_special_tokens")
+                                                for t in self.config["additional_special_tokens"]]
+        try:
+            return self._template.render(messages=messages, tools=None, documents=None,
+                                         add_generation_prompt=add_generation_prompt, **ctx)
+        except jinja2.TemplateError as e:
+            raise DataError(f"the chat template of {self.source} refused this conversation: {e}") from None
+
+    def _end_of_turn(self) -> int | None:
+        """The special token the template closes an assistant turn with: render a probe conversation, tokenize
+        what follows the assistant's text, return its first special token (None when there is none)."""
+        text = self.render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": SENTINEL}], False)
+        if SENTINEL not in text:
+            raise DataError(f"{self.source}: the chat template does not show an assistant message's text")
+        self._turn_tail = text[text.index(SENTINEL) + len(SENTINEL):]
+        special = {i for i, t in self.tk.get_added_tokens_decoder().items() if t.special}
+        return next((i for i in self.encode(self._turn_tail) if i in special), None)
+
     def encode_prompt(self, messages, max_len: int) -> list[int]:
-        """Messages -> [BOS, ..., generation cue]; when longer than max_len keep BOS and the LAST
-        max_len-1 ids: the most recent turn and the cue the response follows matter most."""
+        """Messages -> ids ending with the generation cue (the template's, or "assistant:"). When longer than
+        max_len keep the BOS (if any) and the LAST ids: the latest turn and the cue the response follows matter most."""
         assert max_len >= 2, "a prompt needs room for BOS and at least one token"
         if self.chat:
-            ids = self._chat_ids(messages)
+            ids = self.encode(self.render(messages, add_generation_prompt=True))
         else:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-            ids = [self.bos_id] + self.encode(text)
+            ids = ([] if self.bos_id is None else [self.bos_id]) + self.encode(text)
         if len(ids) > max_len:
-            ids = [ids[0]] + ids[len(ids) - (max_len - 1):]
+            keep = 1 if ids[0] == self.bos_id else 0
+            ids = ids[:keep] + ids[len(ids) - (max_len - keep):]
         return ids
 
-    def _chat_ids(self, messages):
-        """The Llama-3 template, built piece by piece so each special token is its single id:
-        <|begin_of_text|> (<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>)*
-        <|start_header_id|>assistant<|end_header_id|>\\n\\n
-        The text between special tokens is encoded alone, exactly as the tokenizer's own added-token
-        split would cut the rendered string, so the ids equal encode(rendered template). Hugging Face's own
-        Llama-3.x template differs in two details this one leaves out: it strips each message's content, and from
-        3.1 on it adds a system header with a knowledge-cutoff date."""
-        start, end, eot = (self.tk.token_to_id(t) for t in CHAT_TOKENS)
-        ids = [self.bos_id]
-        for m in messages:
-            ids += [start] + self.encode(m["role"]) + [end] + self.encode("\n\n" + m["content"]) + [eot]
-        ids += [start] + self.encode("assistant") + [end] + self.encode("\n\n")
-        return ids
+    def encode_response(self, messages, text: str, max_len: int) -> list[int]:
+        """The response to `messages` -> ids ending with eos_id, keeping the FIRST max_len ids. A response cut this
+        way has no EOS: a truncated demonstration teaches no stop, and overwriting its last id with EOS would teach
+        a stop the data never made.
 
-    def encode_response(self, text: str, max_len: int) -> list[int]:
-        """Response -> ids + [EOS], keeping the FIRST max_len ids. A response cut this way has no
-        EOS: a truncated demonstration teaches no stop, and overwriting its last id with EOS would
-        teach a stop the data never made."""
+        With a chat template the response is what the template writes after the generation prompt (the
+        conversation rendered with the answer, minus the prompt rendered with add_generation_prompt, as ids), so
+        prompt + response is exactly the ids transformers gives the whole conversation; it ends at its first stop
+        id (the "\\n" a template writes after <|im_end|> belongs to the next turn's layout)."""
         assert max_len >= 1
-        # plain format: the prompt ends in "assistant:", the answer follows after one space
-        ids = self.encode(text if self.chat else " " + text) + [self.eos_id]
+        if not self.chat:  # plain format: the prompt ends in "assistant:", the answer follows after one space
+            return (self.encode(" " + text) + [self.eos_id])[:max_len]
+        prompt = self.render(messages, add_generation_prompt=True)
+        full = self.render(list(messages) + [{"role": "assistant", "content": text}], add_generation_prompt=False)
+        if full.startswith(prompt):
+            p_ids, f_ids = self.encode(prompt), self.encode(full)
+            # a merge across the boundary would make the prompt's ids no prefix: then tokenize the rest on its own
+            ids = f_ids[len(p_ids):] if f_ids[:len(p_ids)] == p_ids else self.encode(full[len(prompt):])
+        else:
+            # The template renders a finished assistant turn differently from a generation prompt followed by the
+            # answer (DeepSeek-R1's prompt ends in "<think>\n", a finished turn drops the reasoning): train on what
+            # sampling sees, the answer after the prompt, closed the way the template closes a turn.
+            ids = self.encode(text + self._turn_tail)
+        stop = set(self.stop_ids)
+        end = next((k for k, i in enumerate(ids) if i in stop), None)
+        ids = ids[:end + 1] if end is not None else ids + [self.eos_id]
         return ids[:max_len]
 
 
@@ -308,7 +539,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         show_progress=False,
     )
     tk.train_from_iterator(list(texts), trainer=trainer)
-    return Tokenizer(tk)
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+              "bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
+    return Tokenizer(tk, config, source="trained tokenizer")
 
 
 # -----------------------------------------------------------------------------

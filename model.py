@@ -4,10 +4,12 @@
     from model import Llama
     model = Llama.from_pretrained("path/to/Llama-3.2-1B")   # config.json + *.safetensors, no pickle
 
-One Block class (RMSNorm -> grouped-query attention with rotary embeddings -> RMSNorm -> SwiGLU MLP), no
-biases, no dropout (RLHF needs the ratio pi/pi_old to be exactly 1 on the first PPO minibatch). The same
-class is the policy (`head="lm"`, logits over the vocabulary) and the reward model / critic (`head="score"`,
-one scalar per token; saved as a LlamaForSequenceClassification checkpoint).
+One Block class (RMSNorm -> grouped-query attention with rotary embeddings -> RMSNorm -> SwiGLU MLP), biases
+only where a checkpoint's config asks for them (attention_bias, mlp_bias), no dropout (RLHF needs the ratio
+pi/pi_old to be exactly 1 on the first PPO minibatch). The same class is the policy (`head="lm"`, logits over the
+vocabulary) and the reward model / critic (`head="score"`, one scalar per token; saved as a
+LlamaForSequenceClassification checkpoint). Accepted checkpoints: model_type "llama" (Llama 2/3.x, TinyLlama,
+SmolLM2, DeepSeek-R1-Distill-Llama, ...) and "mistral" without a sliding window shorter than the context.
 
 Batches are left-padded prompts (then right-padded responses): position ids are cumsum(mask) - 1, so a
 padded row gives the same logits as the same row unpadded.
@@ -37,6 +39,7 @@ class ModelArgs:
     n_layers: int = 32  # transformer blocks (HF num_hidden_layers)
     n_heads: int = 32  # query heads
     n_kv_heads: int = 8  # key/value heads; < n_heads is grouped-query attention
+    head_dim: int = 0  # per-head size; 0: dim // n_heads (HF head_dim, explicit in e.g. Mistral-Nemo)
     vocab_size: int = 128256
     hidden_dim: int = 14336  # SwiGLU inner size (HF intermediate_size)
     norm_eps: float = 1e-5  # RMSNorm epsilon
@@ -44,6 +47,10 @@ class ModelArgs:
     rope_scaling: dict | None = None  # Llama-3.1/3.2 {"rope_type": "llama3", "factor", "low_freq_factor", ...}
     max_seq_len: int = 8192  # HF max_position_embeddings: generate() refuses to go past it
     tie_embeddings: bool = False  # output projection shares the input embedding matrix
+    attention_bias: bool = False  # biases on q/k/v/o projections (HF attention_bias)
+    mlp_bias: bool = False  # biases on the SwiGLU gate/up/down projections (HF mlp_bias)
+    model_type: str = "llama"  # "llama" | "mistral": the same network here; written back into config.json
+    sliding_window: int | None = None  # Mistral only, carried into config.json; never below max_seq_len (checked)
     head: str = "lm"  # "lm": next-token logits; "score": one scalar per token (reward model, critic)
     bos_token_id: int | None = None  # carried into config.json for the tools that read it
     eos_token_id: int | list | None = None
@@ -52,18 +59,16 @@ class ModelArgs:
     score_std: float | None = None
 
     def __post_init__(self):
-        if self.dim % self.n_heads:
-            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if not self.head_dim:
+            if self.dim % self.n_heads:
+                raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+            self.head_dim = self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
         if self.head not in ("lm", "score"):
             raise ValueError(f"head must be 'lm' or 'score', got {self.head!r}")
         if self.head == "score" and self.tie_embeddings:
             raise ValueError("a score head cannot be tied to the embeddings")
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ModelArgs":
@@ -74,15 +79,27 @@ class ModelArgs:
     # HF config.json <-> ModelArgs, written out so nothing is renamed by magic.
     @classmethod
     def from_hf_config(cls, cfg: dict, path: str = "config.json") -> "ModelArgs":
-        arch = (cfg.get("architectures") or ["LlamaForCausalLM"])[0]
-        if cfg.get("model_type", "llama") != "llama" or arch not in HF_ARCHITECTURES.values():
-            raise ValueError(f"{path}: model_type {cfg.get('model_type')!r} / architecture {arch!r} is not a Llama")
-        for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
-            if cfg.get(key, want) != want:
-                raise ValueError(f"{path}: field '{key}' is {cfg[key]!r}; this implementation supports {want!r}")
+        model_type = cfg.get("model_type", "llama")
+        if model_type not in HF_ARCHITECTURES:
+            raise ValueError(f"{path}: field 'model_type' is {model_type!r}; accepted: {sorted(HF_ARCHITECTURES)} "
+                             f"(Llama-family decoders; Qwen2, Gemma, MoE and others compute something else)")
+        arch = (cfg.get("architectures") or [HF_ARCHITECTURES[model_type]["lm"]])[0]
+        if arch not in HF_ARCHITECTURES[model_type].values():
+            raise ValueError(f"{path}: field 'architectures' is {arch!r}; accepted for {model_type}: "
+                             f"{sorted(HF_ARCHITECTURES[model_type].values())}")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{path}: field 'hidden_act' is {cfg['hidden_act']!r}; this implementation supports 'silu'")
         for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
             if key not in cfg:
                 raise ValueError(f"{path}: missing field '{key}'")
+            if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] <= 0:
+                raise ValueError(f"{path}: field '{key}' is {cfg[key]!r}; expected a positive integer")
+        window, max_pos = cfg.get("sliding_window"), cfg.get("max_position_embeddings", 2048)
+        if window is not None and window < max_pos:
+            raise ValueError(f"{path}: field 'sliding_window' is {window}, shorter than max_position_embeddings "
+                             f"{max_pos}; sliding-window attention is not implemented. Full attention equals it on "
+                             f"sequences of at most {window} tokens: set max_position_embeddings to {window} in a "
+                             f"copy of the checkpoint to use it that way")
         # transformers >= 5 writes one "rope_parameters" dict instead of rope_theta + rope_scaling
         rope = dict(cfg.get("rope_parameters") or {})
         rope_theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
@@ -92,34 +109,39 @@ class ModelArgs:
             n_layers=cfg["num_hidden_layers"],
             n_heads=cfg["num_attention_heads"],
             n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+            head_dim=cfg.get("head_dim") or 0,
             vocab_size=cfg["vocab_size"],
             hidden_dim=cfg["intermediate_size"],
             norm_eps=cfg.get("rms_norm_eps", 1e-5),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            max_seq_len=cfg.get("max_position_embeddings", 2048),
+            max_seq_len=max_pos,
             tie_embeddings=cfg.get("tie_word_embeddings", False),
-            head="score" if arch == HF_ARCHITECTURES["score"] else "lm",
+            attention_bias=bool(cfg.get("attention_bias", False)),
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            model_type=model_type,
+            sliding_window=window,
+            head="score" if arch == HF_ARCHITECTURES[model_type]["score"] else "lm",
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),
             pad_token_id=cfg.get("pad_token_id"),
             score_mean=cfg.get("rto_score_mean"),
             score_std=cfg.get("rto_score_std"),
         )
-        if cfg.get("head_dim") not in (None, args.head_dim):
-            raise ValueError(f"{path}: field 'head_dim' is {cfg['head_dim']}, expected hidden_size/heads = {args.head_dim}")
         if args.head == "score" and cfg.get("num_labels", len(cfg.get("id2label", {0: 0}))) != 1:
             raise ValueError(f"{path}: a reward model must have num_labels 1")
         if args.rope_scaling is not None:
             kind = args.rope_scaling.get("rope_type", args.rope_scaling.get("type"))
-            if kind not in ("llama3", "default"):
-                raise ValueError(f"{path}: field 'rope_scaling' has rope_type {kind!r}; only 'llama3' is supported")
+            if kind not in ROPE_TYPES:
+                raise ValueError(f"{path}: field 'rope_scaling' has rope_type {kind!r}; supported: {ROPE_TYPES} "
+                                 f"('dynamic' NTK scaling changes the frequencies with the sequence length, "
+                                 f"which a KV cache cannot follow exactly)")
         return args
 
     def to_hf_config(self) -> dict:
         cfg = {
-            "architectures": [HF_ARCHITECTURES[self.head]],
-            "model_type": "llama",
+            "architectures": [HF_ARCHITECTURES[self.model_type][self.head]],
+            "model_type": self.model_type,
             "hidden_size": self.dim,
             "num_hidden_layers": self.n_layers,
             "num_attention_heads": self.n_heads,
@@ -133,19 +155,28 @@ class ModelArgs:
             "max_position_embeddings": self.max_seq_len,
             "tie_word_embeddings": self.tie_embeddings,
             "hidden_act": "silu",
-            "attention_bias": False,
-            "mlp_bias": False,
+            "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
             "pad_token_id": self.pad_token_id,
         }
+        if self.model_type == "mistral":
+            cfg["sliding_window"] = self.sliding_window
+            del cfg["attention_bias"], cfg["mlp_bias"]  # Mistral has neither (always False, checked at load)
         if self.head == "score":
             cfg["num_labels"] = 1
             cfg["rto_score_mean"], cfg["rto_score_std"] = self.score_mean, self.score_std
         return cfg
 
 
-HF_ARCHITECTURES = {"lm": "LlamaForCausalLM", "score": "LlamaForSequenceClassification"}
+# model_type -> our head -> the HF architecture. Mistral without a sliding window is Llama under another name.
+HF_ARCHITECTURES = {
+    "llama": {"lm": "LlamaForCausalLM", "score": "LlamaForSequenceClassification"},
+    "mistral": {"lm": "MistralForCausalLM", "score": "MistralForSequenceClassification"},
+}
+# rope_scaling types: "llama3" (Llama-3.1's long-context rescaling), "linear" (position interpolation), none
+ROPE_TYPES = ("default", "linear", "llama3")
 
 PRESETS = {
     # a few-hundred-KB model for unit tests and CPU demos
@@ -180,6 +211,14 @@ HF_NAMES = {
     "norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
     "score.weight": "score.weight",
+    # attention_bias / mlp_bias checkpoints only
+    "layers.{}.attention.wq.bias": "model.layers.{}.self_attn.q_proj.bias",
+    "layers.{}.attention.wk.bias": "model.layers.{}.self_attn.k_proj.bias",
+    "layers.{}.attention.wv.bias": "model.layers.{}.self_attn.v_proj.bias",
+    "layers.{}.attention.wo.bias": "model.layers.{}.self_attn.o_proj.bias",
+    "layers.{}.feed_forward.w1.bias": "model.layers.{}.mlp.gate_proj.bias",
+    "layers.{}.feed_forward.w2.bias": "model.layers.{}.mlp.down_proj.bias",
+    "layers.{}.feed_forward.w3.bias": "model.layers.{}.mlp.up_proj.bias",
 }
 
 
@@ -200,8 +239,11 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     hd = args.head_dim
     inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
     sc = args.rope_scaling
-    if sc is None or sc.get("rope_type", sc.get("type")) == "default":
+    kind = None if sc is None else sc.get("rope_type", sc.get("type"))
+    if kind in (None, "default"):
         return inv_freq.float()
+    if kind == "linear":  # position interpolation: every position divided by factor, i.e. every frequency
+        return (inv_freq / sc["factor"]).float()
     # Llama 3.1 (Meta's reference `apply_scaling`): low frequencies are divided by `factor`, high ones kept,
     # the band in between interpolated smoothly in wavelength.
     factor, low, high = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
@@ -246,10 +288,11 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        bias = args.attention_bias
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=bias)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=bias)
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0, start=0):
         B, T, _ = x.shape
@@ -271,9 +314,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # gate
-        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)  # down
-        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)  # up
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)  # gate
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=args.mlp_bias)  # down
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)  # up
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -333,6 +376,8 @@ class Llama(nn.Module):
     def _init_weights(self, m):
         if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.device.type != "meta":
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
 
     def inv_freq(self, device) -> torch.Tensor:
         if device not in self._inv_freq:
@@ -531,15 +576,17 @@ def sample_next(logits, temperature: float, top_k: int, top_p: float, generator=
 
 
 @torch.no_grad()
-def generate(model: Llama, prompt_ids, prompt_mask, max_new_tokens: int, *, eos_id: int, pad_id: int,
+def generate(model: Llama, prompt_ids, prompt_mask, max_new_tokens: int, *, stop_ids, pad_id: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator=None):
     """Batched sampling with a preallocated KV cache.
 
     prompt_ids, prompt_mask (B, P): left-padded prompts (the last column is real for every row).
+    stop_ids: the ids that end a response (Llama-3.1-Instruct has three); a list, possibly empty.
     Returns (tokens (B, N), mask (B, N) bool) with N <= max_new_tokens: a row's tokens up to and including its
-    EOS are real; everything after is pad_id with mask False. Rows that never emit EOS are cut at N.
+    first stop id are real; everything after is pad_id with mask False. Rows that never stop are cut at N.
     """
     B, P = prompt_ids.shape
+    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=prompt_ids.device)
     if P + max_new_tokens > model.args.max_seq_len:
         raise ValueError(f"prompt width {P} + max_new_tokens {max_new_tokens} exceeds max_seq_len {model.args.max_seq_len}")
     if not bool(prompt_mask[:, -1].all()):
@@ -554,16 +601,39 @@ def generate(model: Llama, prompt_ids, prompt_mask, max_new_tokens: int, *, eos_
         nxt = nxt.masked_fill(done, pad_id)
         tokens[:, n - 1] = nxt
         real = ~done
-        done = done | (nxt == eos_id)
+        done = done | torch.isin(nxt, stop)
         if n == max_new_tokens or bool(done.all()):
             break
         # finished rows feed a masked pad: their keys are never attended, their outputs ignored
         logits = model(nxt[:, None], real[:, None].long(), cache=cache)[:, -1]
     tokens = tokens[:, :n]
-    # real = up to and including the first EOS
-    is_eos = (tokens == eos_id).long()
-    mask = (is_eos.cumsum(-1) - is_eos) == 0
+    # real = up to and including the first stop id (found from the tokens, never from pad_id)
+    is_stop = torch.isin(tokens, stop).long()
+    mask = (is_stop.cumsum(-1) - is_stop) == 0
     return tokens, mask
+
+
+def resize_vocab(model: Llama, vocab_size: int) -> Llama:
+    """Grow the embedding (and an untied output head) to vocab_size rows for tokens added to the tokenizer; the
+    new rows are the mean of the old ones, so a new token starts as an average token rather than noise."""
+    old = model.args.vocab_size
+    assert vocab_size >= old
+    if vocab_size == old:
+        return model
+
+    def grow(w):
+        return torch.cat([w, w.mean(0, keepdim=True).expand(vocab_size - old, -1)]).contiguous()
+
+    model.args.vocab_size = vocab_size
+    model.tok_embeddings.weight = nn.Parameter(grow(model.tok_embeddings.weight.data))
+    model.tok_embeddings.num_embeddings = vocab_size
+    if model.args.head == "lm":
+        if model.args.tie_embeddings:
+            model.output.weight = model.tok_embeddings.weight
+        else:
+            model.output.weight = nn.Parameter(grow(model.output.weight.data))
+        model.output.out_features = vocab_size
+    return model
 
 
 if __name__ == "__main__":
@@ -572,5 +642,5 @@ if __name__ == "__main__":
     print(f"tiny preset: {model.num_params():,} parameters")
     ids = torch.randint(3, 512, (2, 5))
     mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
-    toks, tmask = generate(model, ids, mask, 8, eos_id=1, pad_id=0, temperature=1.0)
+    toks, tmask = generate(model, ids, mask, 8, stop_ids=[1], pad_id=0, temperature=1.0)
     print("logits", tuple(model(ids, mask).shape), "generated", tuple(toks.shape), tmask.sum(-1).tolist())

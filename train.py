@@ -39,8 +39,9 @@ import dpo as dpo_math
 import ppo as ppo_math
 import reward as rm_math
 import rto
-from data import Tokenizer, WordTask, collate, pad_left, read_preferences, read_prompts, read_sft, train_tokenizer
-from model import Llama, ModelArgs, generate, hf_name, replace_dir, save_hf_checkpoint
+from data import (DataError, Tokenizer, WordTask, collate, pad_left, read_preferences, read_prompts, read_sft,
+                  train_tokenizer)
+from model import Llama, ModelArgs, generate, hf_name, replace_dir, resize_vocab, save_hf_checkpoint
 
 
 def F(default, help: str):
@@ -352,13 +353,19 @@ def barrier():
 
 
 def export_hf(model: Llama, tok: Tokenizer, path: Path, cfg):
-    """The trained model as an HF checkpoint (+ tokenizer.json + the config it was trained with), rank 0."""
+    """The trained model as a complete HF checkpoint, written by rank 0: config.json (with this tokenizer's
+    bos/eos/pad ids), the weights (sharded with an index above 2 GB), the tokenizer files carried over from the
+    input (chat template and special tokens intact), generation_config.json (every stop id) and train_config.json."""
     sd = full_state_dict(model)
     if D.main:
         args = model.args
         sd = {hf_name(k): v for k, v in sd.items() if not (k == "output.weight" and args.tie_embeddings)}
-        extra = {"tokenizer.json": tok.tk.to_str(), "train_config.json": config_json(cfg)}
-        save_hf_checkpoint(sd, args.to_hf_config(), path, 2 * 1024**3, extra)
+        extra = {**tok.hf_files(), "generation_config.json": tok.generation_config_json(),
+                 "train_config.json": config_json(cfg)}
+        hf_config = args.to_hf_config()
+        if tok.added_tokens:  # the vocabulary (and embedding) grew in this project: say so
+            hf_config["rto_added_tokens"] = tok.added_tokens
+        save_hf_checkpoint(sd, hf_config, path, 2 * 1024**3, extra)
     barrier()
 
 
@@ -379,12 +386,20 @@ def load_model(path: str, head: str = "lm", cfg: Config | None = None, tok: Toke
         model = Llama.from_pretrained(path, head=head, dtype=torch.float32)
     else:
         torch.manual_seed(cfg.seed)
-        args = ModelArgs.preset(cfg.preset, vocab_size=tok.vocab_size, head=head, bos_token_id=tok.bos_id,
-                                eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-        model = Llama(args)
-    if tok is not None and max(tok.bos_id, tok.eos_id, tok.pad_id) >= model.args.vocab_size:
-        raise ValueError(f"tokenizer special ids (bos {tok.bos_id}, eos {tok.eos_id}, pad {tok.pad_id}) do not fit "
-                         f"the model's vocab_size {model.args.vocab_size}")
+        model = Llama(ModelArgs.preset(cfg.preset, vocab_size=tok.vocab_size, head=head))
+    if tok is not None:
+        if tok.added_tokens and tok.vocab_size > model.args.vocab_size:  # a new pad token: one more embedding row
+            print0(f"{path}: embedding grown from {model.args.vocab_size} to {tok.vocab_size} rows for "
+                   f"{tok.added_tokens}")
+            model = resize_vocab(model, tok.vocab_size)
+        specials = {"bos": tok.bos_id, "pad": tok.pad_id, **{f"stop {i}": i for i in tok.stop_ids}}
+        too_big = {k: i for k, i in specials.items() if i is not None and i >= model.args.vocab_size}
+        if too_big:
+            raise ValueError(f"{path or 'new model'}: tokenizer ids {too_big} do not fit the model's vocab_size "
+                             f"{model.args.vocab_size}: is the tokenizer from another model?")
+        # the checkpoint describes the tokenizer it was trained with (config.json's ids, read by HF tools)
+        model.args.bos_token_id, model.args.pad_token_id = tok.bos_id, tok.pad_id
+        model.args.eos_token_id = tok.stop_ids[0] if len(tok.stop_ids) == 1 else list(tok.stop_ids)
     return model
 
 
@@ -393,7 +408,29 @@ def load_tokenizer(cfg: Config) -> Tokenizer:
     if not src:
         raise ValueError("give --model (a checkpoint with tokenizer.json)"
                          + (" or --tokenizer for a new model" if hasattr(cfg, "tokenizer") else ""))
-    return Tokenizer.from_dir(src)
+    return open_tokenizer(src)
+
+
+def open_tokenizer(src: str) -> Tokenizer:
+    """A checkpoint's tokenizer, with one line on what was read: the format, the stop ids and any choice made."""
+    tok = Tokenizer.from_dir(src)
+    for note in tok.notes:
+        print0(note)
+    fmt = "its chat template" if tok.chat else "the plain 'role: text' format (no chat_template)"
+    print0(f"{src}: prompts in {fmt}; responses end with {tok.tk.id_to_token(tok.eos_id)!r}; stop ids "
+           f"{tok.stop_ids}; pad {tok.pad_id}")
+    return tok
+
+
+def encode_rows(rows, encode):
+    """encode(row) for every data row, a template's refusal named with the row's file and line."""
+    out = []
+    for r in rows:
+        try:
+            out.append(encode(r))
+        except DataError as e:
+            raise DataError(f"{r.where}: {e}") from None
+    return out
 
 
 def make_optimizer(model, lr: float, cfg: Config, total_steps: int):
@@ -545,8 +582,9 @@ def fit(cfg: Config, run_dir: Path, model: Llama, n: int, units, loss_fn, keys: 
 
 
 def encode_pairs(tok: Tokenizer, rows, cfg: Config):
-    return [(tok.encode_prompt(r.prompt, cfg.max_prompt_len), tok.encode_response(r.chosen, cfg.max_response_len),
-             tok.encode_response(r.rejected, cfg.max_response_len)) for r in rows]
+    return encode_rows(rows, lambda r: (tok.encode_prompt(r.prompt, cfg.max_prompt_len),
+                                        tok.encode_response(r.prompt, r.chosen, cfg.max_response_len),
+                                        tok.encode_response(r.prompt, r.rejected, cfg.max_response_len)))
 
 
 def pair_batch(pairs, tok: Tokenizer) -> dict:
@@ -559,8 +597,8 @@ def run_sft(cfg: SFTConfig) -> Path:
     run_dir = start_run(cfg)
     tok = load_tokenizer(cfg)
     rows = read_sft(cfg.data)
-    data = [(tok.encode_prompt(r.prompt, cfg.max_prompt_len), tok.encode_response(r.response, cfg.max_response_len))
-            for r in rows]
+    data = encode_rows(rows, lambda r: (tok.encode_prompt(r.prompt, cfg.max_prompt_len),
+                                        tok.encode_response(r.prompt, r.response, cfg.max_response_len)))
     model = shard(load_model(cfg.model, "lm", cfg, tok), cfg)
     print0(f"{len(data)} SFT examples, model {model.num_params() / 1e6:.2f}M parameters")
 
@@ -693,7 +731,7 @@ def sample_responses(model: Llama, tok: Tokenizer, prompts: list[list[int]], cfg
     outs = []
     with gathered(model):
         for rows in chunks(list(range(len(prompts))), cfg.micro_batch_size):
-            outs.append(generate(model, p_ids[rows], p_mask[rows], cfg.max_response_len, eos_id=tok.eos_id,
+            outs.append(generate(model, p_ids[rows], p_mask[rows], cfg.max_response_len, stop_ids=tok.stop_ids,
                                  pad_id=tok.pad_id, temperature=cfg.temperature, top_k=cfg.top_k,
                                  top_p=cfg.top_p, generator=gen))
     R = max(t.shape[1] for t, _ in outs)
@@ -721,9 +759,9 @@ def run_ppo(cfg: PPOConfig, gold=None) -> Path:
         dpo_ref = json.loads(dpo_cfg.read_text()).get("model") if dpo_cfg.is_file() else None
         if dpo_ref is not None and Path(dpo_ref).resolve() != Path(cfg.policy).resolve():
             print0(f"warning: {cfg.dpo} was trained from {dpo_ref}, but --policy (pi_ref) is {cfg.policy}")
-    tok = Tokenizer.from_dir(cfg.policy)
+    tok = open_tokenizer(cfg.policy)
     prompt_rows = read_prompts(cfg.prompts)
-    prompts = [tok.encode_prompt(r.prompt, cfg.max_prompt_len) for r in prompt_rows]
+    prompts = encode_rows(prompt_rows, lambda r: tok.encode_prompt(r.prompt, cfg.max_prompt_len))
 
     actor = shard(load_model(cfg.policy, "lm", tok=tok), cfg)
     ref = frozen(shard(load_model(cfg.policy, "lm", tok=tok), cfg))  # pi_ref = the SFT model, for KL and RTO
@@ -779,7 +817,8 @@ def run_ppo(cfg: PPOConfig, gold=None) -> Path:
         buf = sample_responses(actor, tok, [prompts[i] for i in idx], cfg, gen)
         N, P, mask = len(idx), buf["prompt_len"], buf["response_mask"]
         tokens = buf["input_ids"][:, P:]
-        ended = ((tokens == tok.eos_id) & mask).any(-1)
+        stop = torch.tensor(tok.stop_ids, device=tokens.device)
+        ended = (torch.isin(tokens, stop) & mask).any(-1)  # ended on any stop id (Llama-3.1 has three)
         parts = {k: [] for k in ("logp_old", "logp_ref", "logp_dpo", "values_old", "score")}
         # the update's micro-batches are exactly these rows, so the first minibatch reproduces logp_old bit for bit
         micro_rows = chunks(list(range(N)), micro)
@@ -1022,13 +1061,13 @@ class SampleConfig:
 def run_sample(cfg: SampleConfig):
     if not cfg.model or not cfg.prompt:
         raise ValueError("give --model DIR and at least one --prompt TEXT")
-    tok = Tokenizer.from_dir(cfg.model)
+    tok = open_tokenizer(cfg.model)
     model = Llama.from_pretrained(cfg.model, device=D.device, dtype=torch.bfloat16 if cfg.bf16 else None).eval()
     prompts = [tok.encode_prompt([{"role": "user", "content": p}], model.args.max_seq_len) for p in cfg.prompt
                for _ in range(cfg.n)]
     ids, mask = pad_left(prompts, tok.pad_id)
     gen = torch.Generator(device=D.device).manual_seed(cfg.seed)
-    toks, tmask = generate(model, ids.to(D.device), mask.to(D.device), cfg.max_new_tokens, eos_id=tok.eos_id,
+    toks, tmask = generate(model, ids.to(D.device), mask.to(D.device), cfg.max_new_tokens, stop_ids=tok.stop_ids,
                            pad_id=tok.pad_id, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                            generator=gen)
     for k, p in enumerate(prompts):

@@ -146,9 +146,113 @@ def test_data_error_is_value_error():
 
 
 # -----------------------------------------------------------------------------
-# tokenizer
+# tokenizer: special tokens and chat templates as transformers reads them (fixtures by make_chat_fixture.py)
 
-LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+FIXTURES = Path(__file__).parent / "fixtures" / "chat"
+LAYOUTS = sorted(p.name for p in FIXTURES.iterdir() if (p / "expected.json").is_file())
+
+
+def expected_of(layout):
+    return json.loads((FIXTURES / layout / "expected.json").read_text(encoding="utf-8"))
+
+
+def test_every_layout_has_a_fixture():
+    assert {"llama3.1", "qwen2.5", "smollm2", "gemma2", "mistral", "deepseek-r1", "legacy-map"} <= set(LAYOUTS)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_special_ids_match_transformers(layout):
+    exp, tok = expected_of(layout), Tokenizer.from_dir(FIXTURES / layout)
+    assert tok.chat and tok.bos_id == exp["bos_token_id"]
+    gen_eos = exp["generation_eos_token_id"]
+    gen_eos = gen_eos if isinstance(gen_eos, list) else [gen_eos]
+    # every id transformers' generate stops on stops ours too, and so does what a response ends with
+    assert set(gen_eos) | {exp["eos_token_id"]} <= set(tok.stop_ids) and tok.eos_id in tok.stop_ids
+    # padding is never an end: a pad declared equal to a stop id (smollm2, qwen2.5, deepseek-r1) is replaced
+    assert tok.pad_id not in tok.stop_ids
+    if exp["pad_token_id"] is not None and exp["pad_token_id"] not in tok.stop_ids:
+        assert tok.pad_id == exp["pad_token_id"]  # a usable declared pad is kept (gemma2, legacy-map's map file)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_chat_ids_match_transformers(layout):
+    """Prompt ids equal apply_chat_template(add_generation_prompt=True); prompt + response equal
+    apply_chat_template(prompt + answer) up to and including the end-of-turn token, or, where the template renders a
+    finished turn differently from its generation prompt, the response is the answer closed by the turn's end."""
+    exp, tok = expected_of(layout), Tokenizer.from_dir(FIXTURES / layout)
+    checked = 0
+    for conv in exp["conversations"]:
+        msgs, answer = conv["messages"], conv["response"]
+        if "error" in conv:  # the template refused (gemma: no system role): so do we, with its words
+            with pytest.raises(DataError, match=conv["error"]):
+                tok.encode_prompt(msgs, 10_000)
+            continue
+        p, r = tok.encode_prompt(msgs, 10_000), tok.encode_response(msgs, answer, 10_000)
+        assert p == conv["prompt_ids"]
+        assert r[-1] == tok.eos_id and sum(i in tok.stop_ids for i in r) == 1
+        full = conv["full_ids"]
+        if full[:len(p)] == p:
+            assert full[:len(p) + len(r)] == p + r
+            rest = tok.decode(full[len(p) + len(r):], skip_special=False)
+            assert rest.strip() == ""  # only the layout after the end token ("\n" after <|im_end|>)
+        else:  # mistral with a system turn, deepseek-r1 (its prompt ends in "<think>\n")
+            eot_text = tok.tk.id_to_token(tok.eos_id)
+            assert r == tok.tk.encode(answer + eot_text, add_special_tokens=False).ids
+        checked += 1
+    assert checked >= 3
+
+
+def test_response_end_of_turn_tokens():
+    ends = {layout: Tokenizer.from_dir(FIXTURES / layout) for layout in LAYOUTS}
+    names = {layout: t.tk.id_to_token(t.eos_id) for layout, t in ends.items()}
+    assert names["llama3.1"] == "<|eot_id|>" and names["qwen2.5"] == "<|im_end|>"
+    assert names["gemma2"] == "<end_of_turn>"  # not tokenizer_config's eos_token "<eos>"
+    assert names["mistral"] == "</s>" and names["smollm2"] == "<|im_end|>"
+
+
+def test_chat_truncation_keeps_bos_and_cue():
+    tok = Tokenizer.from_dir(FIXTURES / "llama3.1")
+    msgs = [{"role": "user", "content": "Tell me a joke."}]
+    full = tok.encode_prompt(msgs, 10_000)
+    cut = tok.encode_prompt(msgs, 8)
+    assert len(cut) == 8 and cut[0] == tok.bos_id and cut[1:] == full[-7:]
+    no_bos = Tokenizer.from_dir(FIXTURES / "qwen2.5")  # ChatML: no BOS, keep the last ids only
+    full = no_bos.encode_prompt(msgs, 10_000)
+    assert no_bos.bos_id is None and no_bos.encode_prompt(msgs, 5) == full[-5:]
+    r = tok.encode_response(msgs, "Why did the cat sit on the computer?", 10_000)
+    assert tok.encode_response(msgs, "Why did the cat sit on the computer?", len(r) - 1) == r[:-1]  # cut: no EOS
+
+
+@pytest.mark.parametrize("layout", ["llama3.1", "qwen2.5", "gemma2", "mistral"])
+def test_hf_files_round_trip(layout, tmp_path):
+    tok = Tokenizer.from_dir(FIXTURES / layout)
+    tok.save(tmp_path)
+    (tmp_path / "generation_config.json").write_text(tok.generation_config_json())
+    back = Tokenizer.from_dir(tmp_path)
+    for attr in ["bos_id", "eos_id", "pad_id", "stop_ids", "vocab_size", "chat_template"]:
+        assert getattr(back, attr) == getattr(tok, attr), attr
+    assert not any("padding" in n for n in back.notes)  # nothing left to choose: the export declares its pad
+    src_cfg = json.loads((FIXTURES / layout / "tokenizer_config.json").read_text(encoding="utf-8"))
+    out_cfg = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert {k: v for k, v in out_cfg.items() if k not in ("pad_token", "added_tokens_decoder")} == \
+           {k: v for k, v in src_cfg.items() if k not in ("pad_token", "added_tokens_decoder")}
+    assert (tmp_path / "chat_template.jinja").is_file() == (layout == "qwen2.5")  # the template stays where it was
+    gen = json.loads((tmp_path / "generation_config.json").read_text())
+    assert gen["temperature"] == 0.6 and set(np.atleast_1d(gen["eos_token_id"])) == set(tok.stop_ids)
+    if tok.added_tokens:  # qwen2.5: the new pad is an added special token in the written files
+        dec = out_cfg["added_tokens_decoder"][str(tok.pad_id)]
+        assert dec["content"] == "<|pad|>" and dec["special"]
+
+
+def write_tok_dir(tmp_path, tk, config=None, template_file=None, gen=None):
+    tk.save(str(tmp_path / "tokenizer.json"))
+    if config is not None:
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(config) if isinstance(config, dict) else config)
+    if template_file is not None:
+        (tmp_path / "chat_template.jinja").write_text(template_file)
+    if gen is not None:
+        (tmp_path / "generation_config.json").write_text(json.dumps(gen))
+    return tmp_path
 
 
 def word_level(words, specials):
@@ -161,46 +265,87 @@ def word_level(words, specials):
     return tk
 
 
-CHAT_WORDS = ["[UNK]", "system", "user", "assistant", "\n\n", "be", "brief", "hi", "there"]
+CHATML = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + ' ' + m['content'] + '<|im_end|>'}}{% endfor %}"
+          "{% if add_generation_prompt %}{{'<|im_start|>assistant '}}{% endif %}")
 
 
-def test_chat_template_exact_ids():
-    tk = word_level(CHAT_WORDS, LLAMA3_SPECIALS + ["<|finetune_right_pad_id|>"])
-    bot, eot_text, start, end, eot, pad = range(9, 15)  # specials get ids after the 9 words
-    system, user, assistant, nn, be, brief, hi, there = range(1, 9)
-    tok = Tokenizer(tk)
-    assert tok.chat
-    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (bot, eot, pad)  # chat EOS is <|eot_id|>, not <|end_of_text|>
-    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
-    expected = [bot,
-                start, system, end, nn, be, brief, eot,
-                start, user, end, nn, hi, eot,
-                start, assistant, end, nn]
-    assert tok.encode_prompt(msgs, max_len=100) == expected
-    # same as the tokenizer's own added-token handling on the rendered template
-    rendered = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nbe brief<|eot_id|>"
-                "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
-                "<|start_header_id|>assistant<|end_header_id|>\n\n")
-    assert tk.encode(rendered, add_special_tokens=False).ids == expected
-    # truncation keeps BOS and the end, so the generation cue survives
-    assert tok.encode_prompt(msgs, max_len=6) == [bot, eot, start, assistant, end, nn]
-    # chat responses have no leading space and end with <|eot_id|>
-    assert tok.encode_response("hi there", max_len=10) == [hi, there, eot]
-    assert tok.encode_response("hi there", max_len=2) == [hi, there]
+def test_hand_built_chatml_ids(tmp_path):
+    words = ["[UNK]", "user", "assistant", "hi", "there"]
+    tk = word_level(words, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    d = write_tok_dir(tmp_path, tk, {"eos_token": "<|im_end|>", "pad_token": "<|im_end|>", "bos_token": None,
+                                     "unk_token": "<|endoftext|>", "chat_template": CHATML})
+    tok = Tokenizer.from_dir(d)
+    end_text, start, end = 5, 6, 7
+    assert (tok.bos_id, tok.eos_id, tok.stop_ids, tok.pad_id) == (None, end, [end], end_text)  # pad != eos
+    msgs = [{"role": "user", "content": "hi"}]
+    assert tok.encode_prompt(msgs, 100) == [start, 1, 3, end, start, 2]
+    assert tok.encode_response(msgs, "hi there", 100) == [3, 4, end]
+
+
+def test_template_file_wins_and_named_templates(tmp_path):
+    tk = word_level(["[UNK]", "a", "b"], ["<s>", "</s>"])
+    other = "{{ 'b ' }}{% for m in messages %}{{ m['content'] + ' ' + eos_token }}{% endfor %}"
+    cfg = {"bos_token": "<s>", "eos_token": "</s>",
+           "chat_template": [{"name": "tool_use", "template": "{{ raise_exception('no') }}"},
+                             {"name": "default", "template": other}]}
+    tok = Tokenizer.from_dir(write_tok_dir(tmp_path, tk, cfg))
+    assert tok.chat_template == other and tok.encode_prompt([{"role": "user", "content": "a"}], 10) == [2, 1, 4]
+    # chat_template.jinja beside tokenizer_config.json is the template (transformers >= 4.43 writes it there)
+    in_file = other.replace("'b '", "'a '")
+    tok = Tokenizer.from_dir(write_tok_dir(tmp_path, tk, cfg, template_file=in_file))
+    assert tok.template_file and tok.encode_prompt([{"role": "user", "content": "b"}], 10) == [1, 2, 4]
+
+
+def test_generation_block_and_sandbox(tmp_path):
+    tk = word_level(["[UNK]", "a", "b"], ["<s>", "</s>"])
+    gen_block = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}"
+                 "{% endgeneration %}{{ eos_token }}{% else %}{{ m['content'] }}{% endif %}{% endfor %}")
+    tok = Tokenizer.from_dir(write_tok_dir(tmp_path, tk, {"eos_token": "</s>", "chat_template": gen_block}))
+    assert tok.encode_response([{"role": "user", "content": "a"}], "b", 10) == [2, 4]
+    # a template is data from a checkpoint: the sandbox refuses to reach Python internals
+    attack = "{{ ().__class__.__base__.__subclasses__() }}{{ eos_token }}"
+    with pytest.raises(DataError, match="refused"):
+        Tokenizer.from_dir(write_tok_dir(tmp_path, tk, {"eos_token": "</s>", "chat_template": attack}))
+
+
+@pytest.mark.parametrize("config,words", [
+    ('{"eos_token": ', "tokenizer_config.json: not valid JSON"),
+    ({"eos_token": "<|nope|>"}, "field 'eos_token' is '<|nope|>', which tokenizer.json does not hold"),
+    ({"eos_token": 5}, "field 'eos_token'"),
+    ({"bos_token": "<s>"}, "no EOS token"),
+    ({"eos_token": "</s>", "chat_template": "{% for %}"}, "chat_template line 1"),
+    ({"eos_token": "</s>", "chat_template": [{"name": "rag", "template": "x"}]}, "none named 'default'"),
+])
+def test_tokenizer_config_errors(tmp_path, config, words):
+    tk = word_level(["[UNK]", "a"], ["<s>", "</s>"])
+    with pytest.raises(DataError) as e:
+        Tokenizer.from_dir(write_tok_dir(tmp_path, tk, config))
+    assert words in str(e.value) and str(tmp_path) in str(e.value)
+
+
+def test_generation_config_errors(tmp_path):
+    tk = word_level(["[UNK]", "a"], ["<s>", "</s>"])
+    with pytest.raises(DataError, match="generation_config.json field 'eos_token_id'"):
+        Tokenizer.from_dir(write_tok_dir(tmp_path, tk, {"eos_token": "</s>"}, gen={"eos_token_id": "2"}))
+    # no generation_config.json: config.json's eos_token_id (a list) gives the stop ids, as in transformers
+    (tmp_path / "generation_config.json").unlink()
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": [1, 3]}))
+    assert Tokenizer.from_dir(tmp_path).stop_ids == [1, 3]
 
 
 def test_plain_template_exact_ids():
     words = ["[UNK]", "user:", "system:", "assistant:", "be", "brief", "hi"]
     tk = word_level(words, ["<s>", "</s>"])
-    tok = Tokenizer(tk)
-    assert not tok.chat
+    tok = Tokenizer(tk)  # a bare tokenizer.json: special tokens by name, and the plain format
+    assert not tok.chat and "chosen by name" in tok.notes[0]
     bos, eos = 7, 8
-    # no pad token in the vocab: a new "<|pad|>" is added at the next id
+    # no pad token and no unk in the vocab: a new "<|pad|>" is added at the next id
     assert tok.pad_id == 9 and tok.vocab_size == 10 and tk.id_to_token(9) == "<|pad|>"
+    assert tok.added_tokens == ["<|pad|>"]
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     assert tok.encode_prompt(msgs, max_len=100) == [bos, 2, 4, 5, 1, 6, 3]
     assert tok.encode_prompt(msgs, max_len=3) == [bos, 6, 3]
-    assert tok.encode_response("hi", max_len=5) == [6, eos]
+    assert tok.encode_response(msgs, "hi", max_len=5) == [6, eos]
 
 
 @pytest.mark.parametrize("specials,pad_name", [
@@ -219,15 +364,18 @@ def test_special_id_lookup(specials, pad_name):
     assert tok.vocab_size == 2 + len(specials)  # nothing added
 
 
-def test_missing_bos_or_eos_is_an_error():
-    with pytest.raises(ValueError, match="no EOS"):
+def test_no_bos_is_fine_no_eos_is_an_error():
+    with pytest.raises(DataError, match="no EOS"):
         Tokenizer(word_level(["[UNK]", "a"], ["<s>"]))
-    with pytest.raises(ValueError, match="no BOS"):
-        Tokenizer(word_level(["[UNK]", "a"], ["</s>"]))
+    tok = Tokenizer(word_level(["[UNK]", "a"], ["</s>"]))
+    assert tok.bos_id is None and tok.encode_prompt([{"role": "user", "content": "a"}], 10)[0] != tok.eos_id
 
 
 def test_from_dir_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "tokenizer.json")):
+        Tokenizer.from_dir(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(DataError, match="not a tokenizers file"):
         Tokenizer.from_dir(tmp_path)
 
 
@@ -266,7 +414,7 @@ def test_word_task_tokenizes_compactly(task_tok):
     for w in task.words:  # one token per response word, so per-word reward == per-token reward
         assert len(tok.encode(" " + w)) == 1, w
     response = " ".join(task.words[:5])
-    assert tok.encode_response(response, 64) == [tok.encode(" " + w)[0] for w in task.words[:5]] + [tok.eos_id]
+    assert tok.encode_response([], response, 64) == [tok.encode(" " + w)[0] for w in task.words[:5]] + [tok.eos_id]
     prompt = tok.encode_prompt([{"role": "user", "content": task.prompt_text(0)}], 64)
     assert len(prompt) <= 10
 
@@ -281,9 +429,9 @@ def test_plain_truncation_rules(task_tok):
     assert tok.decode(cut[1:]).endswith("assistant:")
     body = tok.encode(" red blue green")
     assert len(body) == 3
-    assert tok.encode_response("red blue green", max_len=4) == body + [tok.eos_id]  # exact fit keeps EOS
-    assert tok.encode_response("red blue green", max_len=3) == body  # cut: EOS lost, last word kept
-    assert tok.encode_response("red blue green", max_len=2) == body[:2]
+    assert tok.encode_response(msgs, "red blue green", max_len=4) == body + [tok.eos_id]  # exact fit keeps EOS
+    assert tok.encode_response(msgs, "red blue green", max_len=3) == body  # cut: EOS lost, last word kept
+    assert tok.encode_response(msgs, "red blue green", max_len=2) == body[:2]
 
 
 # -----------------------------------------------------------------------------

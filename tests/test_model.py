@@ -129,7 +129,7 @@ def test_greedy_with_cache_equals_full_recompute_loop():
     P = max(map(len, prompts))
     ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
-    tokens, tmask = generate(model, ids, mask, 12, eos_id=eos_id, pad_id=0, temperature=0)
+    tokens, tmask = generate(model, ids, mask, 12, stop_ids=[eos_id], pad_id=0, temperature=0)
     for row, exp in enumerate(expected):
         n = len(exp)
         assert tokens[row, :n].tolist() == exp
@@ -142,7 +142,7 @@ def test_sampling_is_seeded_and_stops_rows():
     model = tiny()
     ids = torch.randint(3, 512, (4, 5))
     mask = torch.ones_like(ids)
-    run = lambda: generate(model, ids, mask, 10, eos_id=7, pad_id=0, temperature=1.0, top_k=50, top_p=0.9,
+    run = lambda: generate(model, ids, mask, 10, stop_ids=[7], pad_id=0, temperature=1.0, top_k=50, top_p=0.9,
                            generator=torch.Generator().manual_seed(3))
     (t1, m1), (t2, m2) = run(), run()
     assert torch.equal(t1, t2) and torch.equal(m1, m2)
