@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model import Llama, ModelArgs, generate, rope_inv_freq, sample_next
+from model import Llama, ModelArgs, generate, resize_vocab, rope_inv_freq, sample_next
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -20,7 +20,7 @@ def tiny(**kw):
 # ---------------------------------------------------------------------------------------- HF parity
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "llama_tied"])
+@pytest.mark.parametrize("name", ["llama_gqa", "llama_tied", "llama_bias", "mistral"])
 def test_logits_match_hf_reference(name):
     model = Llama.from_pretrained(FIXTURES / name).eval()
     ref = load_file(FIXTURES / name / "reference.safetensors")
@@ -39,6 +39,71 @@ def test_config_fields_read_from_hf():
     assert gqa.n_kv_heads < gqa.n_heads and gqa.rope_scaling["rope_type"] == "llama3" and not gqa.tie_embeddings
     tied = Llama.from_pretrained(FIXTURES / "llama_tied")
     assert tied.args.tie_embeddings and tied.output.weight is tied.tok_embeddings.weight
+
+
+def test_head_dim_biases_linear_rope_and_mistral_read_and_written_back(tmp_path):
+    bias = Llama.from_pretrained(FIXTURES / "llama_bias")
+    a = bias.args
+    assert a.head_dim == 32 != a.dim // a.n_heads and a.attention_bias and a.mlp_bias
+    assert bias.layers[0].attention.wo.bias is not None and bias.layers[0].feed_forward.w2.bias is not None
+    assert a.rope_scaling["rope_type"] == "linear"
+    mistral = Llama.from_pretrained(FIXTURES / "mistral")
+    assert mistral.args.model_type == "mistral" and mistral.args.sliding_window is None
+    for name, model in (("bias", bias), ("mistral", mistral)):
+        model.save_pretrained(tmp_path / name)
+        cfg = json.loads((tmp_path / name / "config.json").read_text())
+        src = json.loads((FIXTURES / ("llama_bias" if name == "bias" else "mistral") / "config.json").read_text())
+        for key in ("architectures", "model_type", "head_dim", "attention_bias", "mlp_bias", "rope_scaling",
+                    "sliding_window"):
+            if key in src and src[key] is not None:
+                assert cfg[key] == src[key], key
+        again = Llama.from_pretrained(tmp_path / name)
+        for k, v in model.state_dict().items():
+            assert torch.equal(again.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}, "field 'model_type' is 'qwen2'"),
+    ({"model_type": "mixtral"}, "field 'model_type' is 'mixtral'"),
+    ({"architectures": ["LlamaForTokenClassification"]}, "field 'architectures' is 'LlamaForTokenClassification'"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_type 'dynamic'"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope_type 'yarn'"),
+    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 128,
+      "max_position_embeddings": 512}, "field 'sliding_window' is 128, shorter than max_position_embeddings 512"),
+    ({"hidden_size": "64"}, "field 'hidden_size' is '64'; expected a positive integer"),
+    ({"num_hidden_layers": 0}, "field 'num_hidden_layers' is 0"),
+])
+def test_unsupported_configs_name_the_field(tmp_path, change, words):
+    tiny().save_pretrained(tmp_path / "ckpt")
+    cfg_path = tmp_path / "ckpt" / "config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), **change}))
+    with pytest.raises(ValueError) as e:
+        Llama.from_pretrained(tmp_path / "ckpt")
+    assert words in str(e.value) and str(cfg_path) in str(e.value)
+
+
+def test_mistral_sliding_window_at_least_the_context_is_accepted(tmp_path):
+    tiny().save_pretrained(tmp_path / "ckpt")
+    cfg_path = tmp_path / "ckpt" / "config.json"
+    cfg = {**json.loads(cfg_path.read_text()), "model_type": "mistral", "architectures": ["MistralForCausalLM"],
+           "sliding_window": 512, "max_position_embeddings": 512}
+    cfg_path.write_text(json.dumps(cfg))
+    assert Llama.from_pretrained(tmp_path / "ckpt").args.sliding_window == 512
+
+
+def test_resize_vocab_keeps_old_rows_and_ties(tmp_path):
+    for kw in (dict(), dict(tie_embeddings=True)):
+        model = tiny(**kw)
+        old = {k: v.clone() for k, v in model.state_dict().items()}
+        resize_vocab(model, 515)
+        emb = model.tok_embeddings.weight
+        assert emb.shape == (515, 64) and torch.equal(emb[:512], old["tok_embeddings.weight"])
+        torch.testing.assert_close(emb[512], old["tok_embeddings.weight"].mean(0))
+        assert model.output.weight.shape == (515, 64)
+        assert (model.output.weight is emb) == bool(kw)
+        assert model(torch.tensor([[1, 514]])).shape == (1, 2, 515)
+        model.save_pretrained(tmp_path / "r")
+        assert Llama.from_pretrained(tmp_path / "r").args.vocab_size == 515
 
 
 def test_llama3_rope_scaling_changes_some_frequencies():
