@@ -55,6 +55,7 @@ class ModelArgs:
     bos_token_id: int | None = None  # carried into config.json for the tools that read it
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
+    added_tokens: list = field(default_factory=list)  # tokens this project added to the vocabulary (a new pad)
     score_mean: float | None = None  # reward model only: score mean/std on held-out data, for PPO's normalisation
     score_std: float | None = None
 
@@ -125,6 +126,7 @@ class ModelArgs:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),
             pad_token_id=cfg.get("pad_token_id"),
+            added_tokens=list(cfg.get("rto_added_tokens") or []),
             score_mean=cfg.get("rto_score_mean"),
             score_std=cfg.get("rto_score_std"),
         )
@@ -161,6 +163,8 @@ class ModelArgs:
             "eos_token_id": self.eos_token_id,
             "pad_token_id": self.pad_token_id,
         }
+        if self.added_tokens:  # the embedding grew for these (train.load_model): the checkpoint says so
+            cfg["rto_added_tokens"] = list(self.added_tokens)
         if self.model_type == "mistral":
             cfg["sliding_window"] = self.sliding_window
             del cfg["attention_bias"], cfg["mlp_bias"]  # Mistral has neither (always False, checked at load)

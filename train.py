@@ -362,10 +362,7 @@ def export_hf(model: Llama, tok: Tokenizer, path: Path, cfg):
         sd = {hf_name(k): v for k, v in sd.items() if not (k == "output.weight" and args.tie_embeddings)}
         extra = {**tok.hf_files(), "generation_config.json": tok.generation_config_json(),
                  "train_config.json": config_json(cfg)}
-        hf_config = args.to_hf_config()
-        if tok.added_tokens:  # the vocabulary (and embedding) grew in this project: say so
-            hf_config["rto_added_tokens"] = tok.added_tokens
-        save_hf_checkpoint(sd, hf_config, path, 2 * 1024**3, extra)
+        save_hf_checkpoint(sd, args.to_hf_config(), path, 2 * 1024**3, extra)
     barrier()
 
 
@@ -388,10 +385,12 @@ def load_model(path: str, head: str = "lm", cfg: Config | None = None, tok: Toke
         torch.manual_seed(cfg.seed)
         model = Llama(ModelArgs.preset(cfg.preset, vocab_size=tok.vocab_size, head=head))
     if tok is not None:
-        if tok.added_tokens and tok.vocab_size > model.args.vocab_size:  # a new pad token: one more embedding row
-            print0(f"{path}: embedding grown from {model.args.vocab_size} to {tok.vocab_size} rows for "
-                   f"{tok.added_tokens}")
-            model = resize_vocab(model, tok.vocab_size)
+        if tok.added_tokens:  # a new pad token: it needs an embedding row (a spare one, or one more)
+            if tok.vocab_size > model.args.vocab_size:
+                print0(f"{path}: embedding grown from {model.args.vocab_size} to {tok.vocab_size} rows for "
+                       f"{tok.added_tokens}")
+                model = resize_vocab(model, tok.vocab_size)
+            model.args.added_tokens = [*model.args.added_tokens, *tok.added_tokens]
         specials = {"bos": tok.bos_id, "pad": tok.pad_id, **{f"stop {i}": i for i in tok.stop_ids}}
         too_big = {k: i for k, i in specials.items() if i is not None and i >= model.args.vocab_size}
         if too_big:
