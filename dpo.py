@@ -1,6 +1,6 @@
 """DPO math (Rafailov et al. 2023): sequence log-probs and the preference loss.
 
-Stage 2 of the pipeline (RTO.md): DPO on preference pairs, starting from pi_sft with pi_sft as the
+Stage 2 of the pipeline (README): DPO on preference pairs, starting from pi_sft with pi_sft as the
 reference, gives pi_dpo, whose log-ratio to pi_ref is RTO's token reward (rto.py).
 """
 
@@ -29,7 +29,7 @@ def dpo_loss(pol_chosen, pol_rejected, ref_chosen, ref_rejected, beta: float,
     Returns (loss, metrics): detached scalar tensors chosen_reward = mean beta * (pol_chosen -
     ref_chosen), rejected_reward, accuracy (fraction with chosen_reward > rejected_reward, strict:
     0 at step 0 where policy == reference) and margin (mean chosen - rejected reward).
-    At step 0 the sigmoid loss is exactly log 2 and both rewards 0 (RTO.md, "Known traps").
+    At step 0 the sigmoid loss is exactly log 2 and both rewards 0 (README, "Known traps").
     """
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")

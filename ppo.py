@@ -4,7 +4,7 @@ Every (B, T) tensor here is over response tokens: row b, position t is the t-th 
 (or padding). `mask` marks the valid tokens. Nothing in this file knows about models or configs;
 train.py calls these with explicit arguments.
 
-Reference behaviour is the authors' released code (an OpenRLHF 0.4.4 fork); see /work/shared/RTO.md.
+Reference behaviour is the authors' released code (an OpenRLHF 0.4.4 fork); see the README, "The algorithm, the reference code, and the traps".
 """
 
 import torch
@@ -19,7 +19,7 @@ def logprobs_from_logits(logits, labels, temperature: float = 1.0):
     -> (B, T) float32.
 
     The logits are divided by the sampling temperature: the log-probs must be those of the
-    distribution the tokens were sampled from (RTO.md, "Known traps").
+    distribution the tokens were sampled from (README, "Known traps").
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -29,7 +29,7 @@ def logprobs_from_logits(logits, labels, temperature: float = 1.0):
     # rows logsumexp needs, i.e. one fp32 copy of the batch in total.
     for row_logits, row_labels in zip(logits, labels):
         # fp32 log-softmax: in bf16 two passes over the same tokens round differently and the PPO
-        # ratio on the first minibatch is not exactly 1 (RTO.md, "Known traps").
+        # ratio on the first minibatch is not exactly 1 (README, "Known traps").
         x = row_logits.float() / temperature                           # (T, V)
         label_logits = x.gather(-1, row_labels.unsqueeze(-1)).squeeze(-1)  # (T,)
         out.append(label_logits - torch.logsumexp(x, dim=-1))          # log_softmax, gathered
@@ -66,7 +66,7 @@ def masked_mean(x, mask, dim=None):
 
 def seq_mean(x, mask):
     """The loss reduction of the reference code: token mean within each sequence, then mean over
-    sequences, so every response weighs the same whatever its length (RTO.md). (B, T) -> scalar."""
+    sequences, so every response weighs the same whatever its length (README). (B, T) -> scalar."""
     return masked_mean(x, mask, dim=-1).mean()
 
 
@@ -74,7 +74,7 @@ def masked_whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8):
     """(x - mean) / std over the valid entries of x; padding positions come back as 0.
 
     If torch.distributed is initialized the mean and variance are those of the valid entries of all
-    ranks together, as the reference code whitens advantages over the whole rollout buffer (RTO.md).
+    ranks together, as the reference code whitens advantages over the whole rollout buffer (README).
     Two passes (sum and count for the mean, then the sum of squared deviations) rather than
     E[x^2] - E[x]^2, which cancels catastrophically when |mean| >> std.
     The variance is the biased one (divide by N), as in OpenRLHF's normalisation.
@@ -133,7 +133,7 @@ def gae(rewards, values, mask, gamma: float, lam: float):
     A_t     = delta_t + gamma * lam * m_{t+1} * A_{t+1}
     so the episode ends after the last valid token (the value after it is 0).
     Returns (advantages, returns), both (B, T) and zero on padding; returns = advantages + values
-    (the critic's regression target, not whitened: RTO.md).
+    (the critic's regression target, not whitened: README, reference code).
     """
     mask = mask.bool()
     # Zero the padding first so that whatever the buffers hold there (stale values, NaN) is inert.

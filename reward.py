@@ -1,7 +1,7 @@
 """Bradley-Terry reward model math: read the score at the last token, the pairwise loss, and the
 score normalisation applied before the score enters the PPO reward.
 
-Stage 3 of the pipeline (RTO.md): a scalar head on the last (EOS) token, trained with
+Stage 3 of the pipeline (README): a scalar head on the last (EOS) token, trained with
 -log sigmoid(r(x, y_w) - r(x, y_l)), gives r_MLE.
 """
 

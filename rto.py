@@ -31,7 +31,7 @@ def dpo_token_reward(logp_dpo, logp_ref, mask, beta1: float, clip: float):
     logp_ref is the SFT model (the reference DPO was trained against). The clamp is the reference
     code's: a handful of tokens with a huge DPO log-ratio must not dominate the return
     (defaults dpo_reward_scale 0.05, clip 0.05). The released code treats a scale of 0 as "no
-    scaling" (RTO.md, "Known traps"); here beta1 and clip must both be positive, and plain PPO is
+    scaling" (README, "Known traps"); here beta1 and clip must both be positive, and plain PPO is
     algo "ppo", not beta1 = 0.
     """
     if beta1 <= 0:
