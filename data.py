@@ -64,8 +64,12 @@ def _err(path, lineno, key, what):
 def _lines(path):
     """Yield (lineno, obj) for each non-blank line of a JSONL file; lineno is 1-based."""
     n_rows = 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _err(path, lineno, None, f"not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -138,10 +142,18 @@ def _split_conversation(x, key, path, lineno):
     return msgs[:-1], msgs[-1]["content"]
 
 
+def _one_form(obj, plain: tuple, chat: str, path, lineno):
+    """A row holds one data form: mixing {prompt, response} with {messages} would leave which one counts a guess."""
+    mixed = [k for k in plain if k in obj]
+    if chat in obj and mixed:
+        raise _err(path, lineno, chat, f"the row also has {mixed}: give either {' and '.join(plain)}, or {chat}")
+
+
 def read_sft(path) -> list[SFTRow]:
     """{"prompt": str | messages, "response": str}, or {"messages": [..., assistant]}."""
     rows = []
     for lineno, obj in _lines(path):
+        _one_form(obj, ("prompt", "response"), "messages", path, lineno)
         if "prompt" not in obj and "messages" in obj:
             prompt, response = _split_conversation(obj["messages"], "messages", path, lineno)
             if not prompt:
@@ -199,6 +211,7 @@ def read_prompts(path) -> list[PromptRow]:
     """{"prompt": str | messages} or {"messages": [...]} (no trailing assistant message)."""
     rows = []
     for lineno, obj in _lines(path):
+        _one_form(obj, ("prompt",), "messages", path, lineno)
         key = "prompt" if "prompt" in obj or "messages" not in obj else "messages"
         rows.append(PromptRow(_prompt(_get(obj, key, path, lineno), key, path, lineno), f"{path}:{lineno}"))
     return rows

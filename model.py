@@ -20,7 +20,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -95,6 +95,10 @@ class ModelArgs:
                 raise ValueError(f"{path}: missing field '{key}'")
             if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] <= 0:
                 raise ValueError(f"{path}: field '{key}' is {cfg[key]!r}; expected a positive integer")
+        for key in ("rms_norm_eps", "rope_theta"):
+            v = cfg.get(key, 1.0)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
+                raise ValueError(f"{path}: field '{key}' is {v!r}; expected a positive number")
         window, max_pos = cfg.get("sliding_window"), cfg.get("max_position_embeddings", 2048)
         if window is not None and window < max_pos:
             raise ValueError(f"{path}: field 'sliding_window' is {window}, shorter than max_position_embeddings "
@@ -453,8 +457,17 @@ class Llama(nn.Module):
         cfg_path = path / "config.json"
         if not cfg_path.is_file():
             raise FileNotFoundError(f"{cfg_path}: not found (expected a Hugging Face checkpoint directory)")
-        args = ModelArgs.from_hf_config(json.loads(cfg_path.read_text()), str(cfg_path))
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{cfg_path}: not valid JSON: {e}") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{cfg_path}: expected a JSON object")
+        args = ModelArgs.from_hf_config(cfg, str(cfg_path))
         tensors = load_safetensors_dir(path)
+        for name, t in tensors.items():  # a damaged checkpoint trains "fine" on NaN weights: refuse it here
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{path}: tensor '{name}' holds NaN or infinite values; refusing a damaged checkpoint")
         if head is not None and head != args.head:
             if head != "score":
                 raise ValueError(f"{path}: a reward-model checkpoint cannot be loaded as a language model")
@@ -489,11 +502,20 @@ class Llama(nn.Module):
 
 def load_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of model.safetensors, or of the shards named by model.safetensors.index.json."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file as _load
+
+    def load_file(f):  # a truncated or foreign file names itself instead of a bare SafetensorError
+        try:
+            return _load(f)
+        except Exception as e:
+            raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
 
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{index}: not a valid index ({e.__class__.__name__}: {e})") from None
         tensors = {}
         for shard in sorted(set(weight_map.values())):
             part = load_file(path / shard)
@@ -512,10 +534,21 @@ def load_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
 
 
 def save_hf_checkpoint(sd: dict, config: dict, path, max_shard_bytes: int, extra_files: dict | None = None):
-    from safetensors.torch import save_file
-
+    """Write an HF checkpoint into path.tmp, then swap it into place (replace_dir): a failure leaves path as it was."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
+    try:
+        _write_hf_checkpoint(sd, config, tmp, max_shard_bytes, extra_files)
+    except OSError as e:  # a full disk or a read-only directory: the old checkpoint at `path` is untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(e.errno, f"could not write {path}: {e.strerror or e} ({e.filename or tmp}); "
+                               f"anything already at {path} is untouched") from None
+    replace_dir(tmp, path)
+
+
+def _write_hf_checkpoint(sd: dict, config: dict, tmp: Path, max_shard_bytes: int, extra_files: dict | None):
+    from safetensors.torch import save_file
+
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     # split into shards of at most max_shard_bytes (a single tensor larger than that gets its own shard)
@@ -542,8 +575,7 @@ def save_hf_checkpoint(sd: dict, config: dict, path, max_shard_bytes: int, extra
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     for name, text in (extra_files or {}).items():
-        (tmp / name).write_text(text)
-    replace_dir(tmp, path)
+        (tmp / name).write_text(text, encoding="utf-8")
 
 
 def replace_dir(tmp: Path, path: Path):

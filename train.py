@@ -22,33 +22,39 @@ import dataclasses
 import json
 import math
 import os
-import re
-import shutil
 import sys
 import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import dpo as dpo_math
 import ppo as ppo_math
 import reward as rm_math
 import rto
-from data import (DataError, Tokenizer, WordTask, collate, pad_left, read_preferences, read_prompts, read_sft,
-                  train_tokenizer)
-from model import Llama, ModelArgs, generate, hf_name, replace_dir, resize_vocab, save_hf_checkpoint
+from data import DataError, Tokenizer, WordTask, collate, pad_left, read_preferences, read_prompts, read_sft, train_tokenizer
+from model import Llama, generate
+from runtime import (D, Logger, UserError, all_max, all_sum, barrier, check_finite, check_range, check_slot, close_dist,
+                     config_json, export_hf, frozen, gathered, init_dist, latest_checkpoint, load_checkpoint, load_model,
+                     open_tokenizer, print0, reduce_metrics, release_locks, save_checkpoint, shard, start_run,
+                     write_json)
 
 
-def F(default, help: str):
-    """A config field with its one-line help (shown by --help, printed at start)."""
+def F(default, help: str, range: str | None = None, choices: tuple | None = None):
+    """A config field with its one-line help (shown by --help, printed at start) and what values make sense:
+    range "(0, inf)", "[0, 1]", ... (open or closed ends; floats must also be finite) or a tuple of choices,
+    checked at start by runtime.check_range."""
+    meta = {"help": help + (f" {range}" if range else ""), "range": range, "choices": choices}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: default, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+POS, NONNEG, UNIT, COUNT = "(0, inf)", "[0, inf)", "[0, 1]", "[1, inf)"  # the ranges most fields use
+DEVICES = ("auto", "cpu", "cuda")
 
 
 # ==========================================================================================================
@@ -60,24 +66,28 @@ class Config:
     """Fields shared by every training stage."""
     out: str = F("runs/run", "run directory: train_config.json, metrics.jsonl, checkpoints/, final/")
     seed: int = F(0, "seeds init, data order and sampling: the same seed gives the same run on CPU")
-    device: str = F("auto", "auto | cpu | cuda")
+    device: str = F("auto", "auto | cpu | cuda", choices=DEVICES)
     bf16: bool = F(False, "bf16 parameters/compute with fp32 master weights and fp32 gradient reduction (GPU)")
     activation_checkpointing: bool = F(False, "recompute each transformer block in backward to save memory")
-    lr: float = F(1e-5, "peak learning rate (cosine schedule)")
-    warmup_ratio: float = F(0.03, "fraction of steps of linear warm-up (reference code: 3%)")
-    min_lr_ratio: float = F(0.1, "the cosine decays to min_lr_ratio * lr (reference code: 0.1)")
-    weight_decay: float = F(0.0, "AdamW weight decay (reference code: 0)")
-    adam_beta1: float = F(0.9, "Adam beta1")
-    adam_beta2: float = F(0.95, "Adam beta2 (reference code: 0.95)")
-    grad_clip: float = F(1.0, "clip the global gradient norm to this (reference code: 1.0)")
-    batch_size: int = F(32, "examples per optimizer step, over all ranks")
-    micro_batch_size: int = F(8, "examples per forward pass on one rank (gradient accumulation makes up the rest)")
-    epochs: int = F(1, "passes over the data")
-    max_steps: int = F(0, "stop after this many optimizer steps (0: run the epochs)")
-    max_prompt_len: int = F(256, "prompt tokens kept (the END of a longer prompt, so the generation cue survives)")
-    max_response_len: int = F(256, "response tokens kept (the START of a longer response; a cut one has no EOS)")
-    save_every: int = F(0, "write a resumable checkpoint every N steps (0: only the final HF export)")
-    resume: bool = F(False, "continue from the latest complete checkpoint in <out>/checkpoints")
+    lr: float = F(1e-5, "peak learning rate (cosine schedule)", POS)
+    warmup_ratio: float = F(0.03, "fraction of steps of linear warm-up (reference code: 3%)", UNIT)
+    min_lr_ratio: float = F(0.1, "the cosine decays to min_lr_ratio * lr (reference code: 0.1)", UNIT)
+    weight_decay: float = F(0.0, "AdamW weight decay (reference code: 0)", NONNEG)
+    adam_beta1: float = F(0.9, "Adam beta1", "[0, 1)")
+    adam_beta2: float = F(0.95, "Adam beta2 (reference code: 0.95)", "[0, 1)")
+    grad_clip: float = F(1.0, "clip the global gradient norm to this (reference code: 1.0)", POS)
+    batch_size: int = F(32, "examples per optimizer step, over all ranks", COUNT)
+    micro_batch_size: int = F(8, "examples per forward pass on one rank (gradient accumulation makes up the rest)",
+                             COUNT)
+    epochs: int = F(1, "passes over the data", COUNT)
+    max_steps: int = F(0, "stop after this many optimizer steps (0: run the epochs)", NONNEG)
+    max_prompt_len: int = F(256, "prompt tokens kept (the END of a longer prompt, so the generation cue survives)",
+                           "[2, inf)")
+    max_response_len: int = F(256, "response tokens kept (the START of a longer response; a cut one has no EOS)",
+                             COUNT)
+    save_every: int = F(0, "write a resumable checkpoint every N steps (0: only the final HF export)", NONNEG)
+    resume: bool = F(False, "continue from the latest complete checkpoint in <out>/checkpoints (its config must match, but for runtime.RESUME_MAY_CHANGE)")
+    overwrite: bool = F(False, "a fresh run may replace a finished run's final/ in --out (at its end)")
     progress: bool = F(True, "show a tqdm bar")
 
 
@@ -88,7 +98,7 @@ class SFTConfig(Config):
     preset: str = F("tiny", "model.py preset for a NEW model, used only when --model is empty")
     tokenizer: str = F("", "directory holding tokenizer.json, when --model is empty")
     out: str = F("runs/sft", "run directory")
-    lr: float = F(1e-5, "peak learning rate")
+    lr: float = F(1e-5, "peak learning rate", POS)
 
 
 @dataclass
@@ -97,10 +107,10 @@ class DPOConfig(Config):
     eval_data: str = F("", "held-out preference JSONL for reward accuracy (optional)")
     model: str = F("", "the SFT checkpoint to start from (with tokenizer.json)")
     out: str = F("runs/dpo", "run directory")
-    lr: float = F(5e-7, "peak learning rate")
-    beta: float = F(0.1, "DPO beta: strength of the KL anchor to the reference (the SFT model)")
-    label_smoothing: float = F(0.0, "conservative DPO: assumed fraction of flipped labels (0 = plain DPO)")
-    loss_type: str = F("sigmoid", "sigmoid (DPO) | ipo")
+    lr: float = F(5e-7, "peak learning rate", POS)
+    beta: float = F(0.1, "DPO beta: strength of the KL anchor to the reference (the SFT model)", POS)
+    label_smoothing: float = F(0.0, "conservative DPO: assumed fraction of flipped labels (0 = plain DPO)", "[0, 0.5)")
+    loss_type: str = F("sigmoid", "sigmoid (DPO) | ipo", choices=("sigmoid", "ipo"))
 
 
 @dataclass
@@ -109,297 +119,48 @@ class RMConfig(Config):
     eval_data: str = F("", "held-out preference JSONL: accuracy, and the score mean/std stored for PPO")
     model: str = F("", "the SFT checkpoint to start from (with tokenizer.json)")
     out: str = F("runs/rm", "run directory")
-    lr: float = F(9e-6, "peak learning rate")
+    lr: float = F(9e-6, "peak learning rate", POS)
 
 
 @dataclass
 class PPOConfig(Config):
     prompts: str = F("", "prompt JSONL: {prompt} or {messages} rows")
-    algo: str = F("rto", "ppo (sparse r_MLE) | rto (dense DPO reward + r_MLE) | semi-rto | dpo-only")
+    algo: str = F("rto", "ppo (sparse r_MLE) | rto (dense DPO reward + r_MLE) | semi-rto | dpo-only", choices=rto.ALGOS)
     policy: str = F("", "the SFT checkpoint: initial policy and the KL reference pi_ref")
     dpo: str = F("", "the DPO checkpoint (rto, semi-rto, dpo-only)")
     rm: str = F("", "the reward model checkpoint (ppo, rto, semi-rto)")
     critic: str = F("", "critic init (default: --rm, as the reference code does; else --policy + a new head)")
     out: str = F("runs/ppo", "run directory")
-    lr: float = F(5e-7, "actor peak learning rate")
-    critic_lr: float = F(9e-6, "critic peak learning rate")
-    batch_size: int = F(32, "prompts per PPO minibatch (one optimizer step of actor and critic), over all ranks")
-    rollout_batch_size: int = F(64, "prompts sampled per rollout, over all ranks")
-    ppo_epochs: int = F(1, "passes over each rollout (reference code: 1)")
-    temperature: float = F(1.0, "sampling temperature; log-probs use the same one")
+    lr: float = F(5e-7, "actor peak learning rate", POS)
+    critic_lr: float = F(9e-6, "critic peak learning rate", POS)
+    batch_size: int = F(32, "prompts per PPO minibatch (one optimizer step of actor and critic), over all ranks",
+                       COUNT)
+    rollout_batch_size: int = F(64, "prompts sampled per rollout, over all ranks", COUNT)
+    ppo_epochs: int = F(1, "passes over each rollout (reference code: 1)", COUNT)
+    temperature: float = F(1.0, "sampling temperature; log-probs use the same one", POS)
     top_k: int = F(0, "sample from the k most likely tokens (0: all); log-probs stay those of the full "
-                      "distribution (as in the reference code), so anything but 0 makes PPO slightly off-policy")
-    top_p: float = F(1.0, "nucleus sampling mass (1: all); the same caveat as top_k")
-    beta1: float = F(0.05, "RTO: scale of the DPO token reward log(pi_dpo/pi_ref) (reference dpo_reward_scale 0.05)")
-    dpo_clip: float = F(0.05, "RTO: clip each DPO token reward to +-this (reference: 0.05)")
-    beta2: float = F(0.01, "KL coefficient: -beta2 * KL(pi || pi_ref) per token (reference init_kl_coef 0.01)")
-    beta3: float = F(1.0, "weight of the reward model score on the last token")
-    kl_estimator: str = F("k1", "per-token KL estimator: k1 (reference) | k3")
-    gamma: float = F(1.0, "GAE discount (reference: 1)")
-    lam: float = F(0.95, "GAE lambda (reference: 0.95)")
-    clip_eps: float = F(0.2, "PPO ratio clip (reference: 0.2)")
-    value_clip: float = F(0.2, "value clip around the rollout values (reference: 0.2)")
-    reward_clip: float = F(10.0, "clamp the normalised RM score to +-this (reference: 10)")
+                      "distribution (as in the reference code), so anything but 0 makes PPO slightly off-policy", NONNEG)
+    top_p: float = F(1.0, "nucleus sampling mass (1: all); the same caveat as top_k", "(0, 1]")
+    beta1: float = F(0.05, "RTO: scale of the DPO token reward log(pi_dpo/pi_ref) (reference dpo_reward_scale 0.05)",
+                     POS)
+    dpo_clip: float = F(0.05, "RTO: clip each DPO token reward to +-this (reference: 0.05)", POS)
+    beta2: float = F(0.01, "KL coefficient: -beta2 * KL(pi || pi_ref) per token (reference init_kl_coef 0.01)", NONNEG)
+    beta3: float = F(1.0, "weight of the reward model score on the last token", NONNEG)
+    kl_estimator: str = F("k1", "per-token KL estimator: k1 (reference) | k3", choices=("k1", "k3"))
+    gamma: float = F(1.0, "GAE discount (reference: 1)", UNIT)
+    lam: float = F(0.95, "GAE lambda (reference: 0.95)", UNIT)
+    clip_eps: float = F(0.2, "PPO ratio clip (reference: 0.2)", POS)
+    value_clip: float = F(0.2, "value clip around the rollout values (reference: 0.2)", POS)
+    reward_clip: float = F(10.0, "clamp the normalised RM score to +-this (reference: 10)", POS)
     normalize_reward: bool = F(True, "(score - mean) / std with the mean/std stored in the RM checkpoint")
     no_eos_penalty: float = F(1.0, "subtracted on the last token of a response cut by max_response_len, in units "
-                                   "of the normalised score (our addition: the reference code has no such term)")
+                                   "of the normalised score (our addition: the reference code has no such term)", NONNEG)
     delimiters: str = F(".,;:!?\n", "semi-rto: a token whose text holds one of these ends a segment")
-    max_response_len: int = F(128, "max new tokens per response")
-
-
-# ==========================================================================================================
-# Distributed: torchrun is detected from the environment; one process needs no process group at all.
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_dist(device: str) -> Dist:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if "RANK" not in os.environ:  # plain `python train.py`
-        return Dist(0, 1, torch.device(device))
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if device == "cuda":
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
-    dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), dev)
-
-
-def close_dist(ok: bool):
-    """Tear the process group down. After a failure on nccl we skip it: destroy can block while the other ranks
-    sit in a collective, and this process must exit so torchrun can end the job and show this rank's error."""
-    if not dist.is_initialized():
-        return
-    if ok:
-        dist.barrier()
-    if ok or dist.get_backend() == "gloo":
-        dist.destroy_process_group()
-
-
-D = Dist()  # this process's place in the job; set once by main()
-
-
-def print0(*args):
-    if D.main:
-        tqdm.write(" ".join(str(a) for a in args))
-
-
-def all_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum of a tensor over ranks (identity on one process)."""
-    if D.world > 1:
-        y = x.to(D.device, copy=True)  # nccl reduces CUDA tensors only
-        dist.all_reduce(y)
-        x = y.to(x.device)
-    return x
-
-
-def all_max(x: float) -> float:
-    t = torch.tensor(x, dtype=torch.float64)
-    if D.world > 1:
-        t = t.to(D.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
-
-
-def reduce_metrics(sums: dict[str, float], count: float) -> dict[str, float]:
-    """Metric sums from every rank -> their global means (count = number of units summed, on this rank)."""
-    keys = sorted(sums)
-    t = all_sum(torch.tensor([float(sums[k]) for k in keys] + [float(count)], dtype=torch.float64))
-    return {k: (t[i] / t[-1]).item() for i, k in enumerate(keys)}
-
-
-def shard(model: Llama, cfg: Config) -> Llama:
-    """FSDP2: each block is its own all-gather unit, then the root (embeddings, final norm, head).
-
-    Used whenever there are several processes, or bf16 is asked for (the mixed-precision policy keeps fp32
-    master weights and reduces gradients in fp32). Frozen models (reference, DPO model and reward model during
-    PPO) are sharded the same way: at the paper's scale three unsharded 8B copies per GPU would not fit.
-    """
-    model.to(D.device)
-    model.grad_checkpointing = cfg.activation_checkpointing
-    if D.world == 1 and not cfg.bf16:
-        return model
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    if not dist.is_initialized():  # one process asking for bf16: FSDP needs a (single-rank) process group
-        dist.init_process_group("nccl" if D.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
-                                world_size=1)
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cfg.bf16 else None
-    kw = {"mp_policy": mp} if mp is not None else {}
-    for block in model.layers:
-        fully_shard(block, **kw)
-    # The root (embeddings, final norm, head) reshards after forward too: otherwise a no_grad forward (a rollout,
-    # a reference pass) leaves its full parameters gathered, and an optimizer step then updates only the shards,
-    # so the next forward would silently reuse stale weights.
-    fully_shard(model, reshard_after_forward=True, **kw)
-    return model
-
-
-@contextmanager
-def gathered(model):
-    """Generation runs one forward per token: gather the sharded weights once for the whole loop instead of
-    once per token, then shard them again (FSDP2 unshard / reshard)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for m in mods:  # unshard() is not recursive: every block and the root, each once
-        m.set_reshard_after_forward(False, recurse=False)
-        m.unshard()
-    try:
-        yield  # call model(...) inside, never a block directly: FSDP's root bookkeeping runs in root.forward
-    finally:
-        for m in mods:
-            m.reshard()
-            m.set_reshard_after_forward(True, recurse=False)
-
-
-def full_state_dict(model) -> dict[str, torch.Tensor]:
-    """The unsharded state dict on CPU (on rank 0; other ranks get an empty dict under FSDP)."""
-    if D.world == 1 and not any(hasattr(p, "full_tensor") for p in model.parameters()):
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-# ==========================================================================================================
-# Checkpoints. Resumable ones are torch.distributed.checkpoint (sharded, loadable at any world size) written
-# to step_N.tmp and renamed only when every rank has finished: a kill mid-save leaves the previous one intact.
-
-
-def save_checkpoint(run_dir: Path, step: int, models: dict, optims: dict, scheds: dict, cfg: Config):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    ckpt_dir = run_dir / "checkpoints"
-    tmp, final = ckpt_dir / f"step_{step:06d}.tmp", ckpt_dir / f"step_{step:06d}"
-    if D.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    state = {}
-    for name, model in models.items():
-        msd, osd = get_state_dict(model, optims[name])
-        state[name], state[f"{name}_optim"] = msd, osd
-    dcp.save(state, checkpoint_id=str(tmp))
-    # this rank's RNG state (the loops draw from generators derived from (seed, step, rank), so this is
-    # belt and braces: torch's global generator is the only state not implied by the step)
-    save_rng(tmp / f"rng_rank{D.rank}.safetensors")
-    barrier()
-    if D.main:
-        meta = {"step": step, "world": D.world, "schedulers": {k: v.state_dict() for k, v in scheds.items()}}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        (tmp / "train_config.json").write_text(config_json(cfg))
-        replace_dir(tmp, final)  # the commit point (an earlier run's step_N in this directory is swapped out)
-        for old in ckpt_dir.glob("step_*"):
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
-    barrier()
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    done = sorted(p for p in (run_dir / "checkpoints").glob("step_*")
-                  if re.fullmatch(r"step_\d+", p.name) and (p / "meta.json").is_file())  # never .tmp or .old
-    return done[-1] if done else None
-
-
-def load_checkpoint(path: Path, models: dict, optims: dict, scheds: dict) -> int:
-    """Restore models, optimizers, schedulers and this rank's RNG from a checkpoint; returns its step."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    state = {}
-    for name, model in models.items():
-        state[name], state[f"{name}_optim"] = get_state_dict(model, optims[name])
-    dcp.load(state, checkpoint_id=str(path))
-    for name, model in models.items():
-        set_state_dict(model, optims[name], model_state_dict=state[name], optim_state_dict=state[f"{name}_optim"])
-    rng = path / f"rng_rank{D.rank}.safetensors"
-    if rng.is_file():  # absent when the checkpoint was written by a different number of processes
-        load_rng(rng)
-    meta = json.loads((path / "meta.json").read_text())
-    for name, sched in scheds.items():
-        sched.load_state_dict(meta["schedulers"][name])
-    return meta["step"]
-
-
-def save_rng(path: Path):
-    from safetensors.torch import save_file
-
-    save_file({"torch": torch.get_rng_state()}, str(path))
-
-
-def load_rng(path: Path):
-    from safetensors.torch import load_file
-
-    torch.set_rng_state(load_file(str(path))["torch"])
-
-
-def barrier():
-    if D.world > 1:
-        dist.barrier()
-
-
-def export_hf(model: Llama, tok: Tokenizer, path: Path, cfg):
-    """The trained model as a complete HF checkpoint, written by rank 0: config.json (with this tokenizer's
-    bos/eos/pad ids), the weights (sharded with an index above 2 GB), the tokenizer files carried over from the
-    input (chat template and special tokens intact), generation_config.json (every stop id) and train_config.json."""
-    sd = full_state_dict(model)
-    if D.main:
-        args = model.args
-        sd = {hf_name(k): v for k, v in sd.items() if not (k == "output.weight" and args.tie_embeddings)}
-        extra = {**tok.hf_files(), "generation_config.json": tok.generation_config_json(),
-                 "train_config.json": config_json(cfg)}
-        save_hf_checkpoint(sd, args.to_hf_config(), path, 2 * 1024**3, extra)
-    barrier()
-
-
-def config_json(cfg) -> str:
-    return json.dumps({"stage": type(cfg).__name__, **asdict(cfg)}, indent=2) + "\n"
+    max_response_len: int = F(128, "max new tokens per response", COUNT)
 
 
 # ==========================================================================================================
 # Shared pieces of the loops
-
-
-def load_model(path: str, head: str = "lm", cfg: Config | None = None, tok: Tokenizer | None = None) -> Llama:
-    """An HF checkpoint as a policy (head="lm") or a reward model / critic (head="score"; a causal-LM checkpoint
-    gets a fresh scalar head). Without a path: a new model from cfg.preset sized to the tokenizer."""
-    if path:
-        # fp32 weights whatever the checkpoint stores (HF Llama-3 ships bf16): these are the master weights that
-        # AdamW updates (in bf16, 0.02 - 5e-7 == 0.02); --bf16 makes FSDP compute in bf16, not store in it
-        model = Llama.from_pretrained(path, head=head, dtype=torch.float32)
-    else:
-        torch.manual_seed(cfg.seed)
-        model = Llama(ModelArgs.preset(cfg.preset, vocab_size=tok.vocab_size, head=head))
-    if tok is not None:
-        if tok.added_tokens:  # a new pad token: it needs an embedding row (a spare one, or one more)
-            if tok.vocab_size > model.args.vocab_size:
-                print0(f"{path}: embedding grown from {model.args.vocab_size} to {tok.vocab_size} rows for "
-                       f"{tok.added_tokens}")
-                model = resize_vocab(model, tok.vocab_size)
-            model.args.added_tokens = [*model.args.added_tokens, *tok.added_tokens]
-        specials = {"bos": tok.bos_id, "pad": tok.pad_id, **{f"stop {i}": i for i in tok.stop_ids}}
-        too_big = {k: i for k, i in specials.items() if i is not None and i >= model.args.vocab_size}
-        if too_big:
-            raise ValueError(f"{path or 'new model'}: tokenizer ids {too_big} do not fit the model's vocab_size "
-                             f"{model.args.vocab_size}: is the tokenizer from another model?")
-        # the checkpoint describes the tokenizer it was trained with (config.json's ids, read by HF tools)
-        model.args.bos_token_id, model.args.pad_token_id = tok.bos_id, tok.pad_id
-        model.args.eos_token_id = tok.stop_ids[0] if len(tok.stop_ids) == 1 else list(tok.stop_ids)
-    return model
 
 
 def load_tokenizer(cfg: Config) -> Tokenizer:
@@ -408,17 +169,6 @@ def load_tokenizer(cfg: Config) -> Tokenizer:
         raise ValueError("give --model (a checkpoint with tokenizer.json)"
                          + (" or --tokenizer for a new model" if hasattr(cfg, "tokenizer") else ""))
     return open_tokenizer(src)
-
-
-def open_tokenizer(src: str) -> Tokenizer:
-    """A checkpoint's tokenizer, with one line on what was read: the format, the stop ids and any choice made."""
-    tok = Tokenizer.from_dir(src)
-    for note in tok.notes:
-        print0(note)
-    fmt = "its chat template" if tok.chat else "the plain 'role: text' format (no chat_template)"
-    print0(f"{src}: prompts in {fmt}; responses end with {tok.tk.id_to_token(tok.eos_id)!r}; stop ids "
-           f"{tok.stop_ids}; pad {tok.pad_id}")
-    return tok
 
 
 def encode_rows(rows, encode):
@@ -447,10 +197,13 @@ def make_optimizer(model, lr: float, cfg: Config, total_steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
 
 
-def clip_and_step(model, opt, sched, max_norm: float) -> float:
+def clip_and_step(model, opt, sched, max_norm: float, step: int, checks: dict) -> float:
+    """Clip, check that the gradient norm and the given losses are finite (on every rank), then step: a NaN stops
+    the run here, before the weights take it (runtime.check_finite)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
+    check_finite(step, {**checks, "grad_norm": norm})
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
@@ -499,41 +252,6 @@ def to_device(batch: dict) -> dict:
     return {k: v.to(D.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-class Logger:
-    """One fixed-format line per step (rank 0), every metric also appended to <out>/metrics.jsonl."""
-
-    def __init__(self, run_dir: Path, resume_step: int, keys: list[str]):
-        self.path, self.keys = run_dir / "metrics.jsonl", keys
-        if D.main and self.path.exists():  # a resumed run rewrites what the killed run logged after its checkpoint
-            rows = [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()]
-            tmp = self.path.with_suffix(".jsonl.tmp")  # rewritten beside, then renamed: a crash loses nothing
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= resume_step))
-            os.replace(tmp, self.path)
-
-    def log(self, step: int, metrics: dict):
-        if not D.main:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        line = f"step {step:5d}" + "".join(f" | {k} {metrics[k]:.4g}" for k in self.keys if k in metrics)
-        tqdm.write(line)
-
-
-def start_run(cfg: Config) -> Path:
-    run_dir = Path(cfg.out)
-    if D.main:
-        if not getattr(cfg, "resume", False) and (old := latest_checkpoint(run_dir)) is not None:
-            # a fresh run would later --resume into, or overwrite, another run's state: refuse, delete nothing
-            raise FileExistsError(f"{old} holds a resumable checkpoint: pass --resume to continue that run, "
-                                  f"or remove {run_dir / 'checkpoints'} (or pick another --out) to start over")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "train_config.json").write_text(config_json(cfg))
-    print0(f"== {type(cfg).__name__} ({D.world} process{'es' if D.world > 1 else ''}, {D.device})\n"
-           + config_json(cfg))
-    barrier()
-    return run_dir
-
-
 # ==========================================================================================================
 # SFT, DPO and the reward model share one loop: batches of examples, a loss summed over "units" (response
 # tokens for SFT, pairs for DPO and the RM), normalised by the global number of units in the batch.
@@ -569,7 +287,7 @@ def fit(cfg: Config, run_dir: Path, model: Llama, n: int, units, loss_fn, keys: 
                 sums[k2] = sums.get(k2, 0.0) + float(v)
             tokens += n_tok
         metrics = reduce_metrics(sums, local_units)
-        metrics["grad_norm"] = clip_and_step(model, opt, sched, cfg.grad_clip)
+        metrics["grad_norm"] = clip_and_step(model, opt, sched, cfg.grad_clip, step + 1, {"loss": sums["loss"]})
         metrics["lr"] = sched.get_last_lr()[0]
         metrics["tokens_per_s"] = float(all_sum(torch.tensor(float(tokens)))) / (time.perf_counter() - t0)
         logger.log(step + 1, metrics)
@@ -578,6 +296,18 @@ def fit(cfg: Config, run_dir: Path, model: Llama, n: int, units, loss_fn, keys: 
             save_checkpoint(run_dir, step + 1, {"model": model}, {"model": opt}, {"model": sched}, cfg)
     bar.close()
     return total
+
+
+def load_pairs(cfg):
+    """DPO's and the RM's data: the tokenizer, the training rows and pairs (checked), the held-out pairs."""
+    if not cfg.model:
+        raise UserError("give --model (the SFT checkpoint, with tokenizer.json)")
+    tok = load_tokenizer(cfg)
+    rows = read_preferences(cfg.data)
+    pairs = encode_pairs(tok, rows, cfg)
+    check_pairs(rows, pairs, cfg.data)
+    eval_pairs = encode_pairs(tok, read_preferences(cfg.eval_data), cfg) if cfg.eval_data else []
+    return tok, rows, pairs, eval_pairs
 
 
 def encode_pairs(tok: Tokenizer, rows, cfg: Config):
@@ -592,13 +322,38 @@ def pair_batch(pairs, tok: Tokenizer) -> dict:
     return to_device(collate(prompts + prompts, [c for _, c, _ in pairs] + [r for _, _, r in pairs], tok.pad_id))
 
 
+def check_context(rows, seqs, max_seq_len: int):
+    """Every example must fit the model's context (config.json max_position_embeddings); name the first that
+    does not. seqs: per row, the id lists that are concatenated into one sequence."""
+    for r, parts in zip(rows, seqs):
+        n = max(len(parts[0]) + len(p) for p in parts[1:])
+        if n > max_seq_len:
+            raise UserError(f"{r.where}: prompt + response is {n} tokens, more than the model's context of "
+                            f"{max_seq_len} (config.json max_position_embeddings): lower --max_prompt_len or "
+                            f"--max_response_len")
+
+
+def check_pairs(rows, pairs, path: str):
+    """A pair whose chosen and rejected responses are the same ids carries no preference; all of them: an error."""
+    same = [r.where for r, (_, c, rj) in zip(rows, pairs) if c == rj]
+    if len(same) == len(pairs):
+        raise UserError(f"{path}: in every pair the chosen and rejected responses are identical (after tokenizing): "
+                        f"nothing to learn from")
+    if same:
+        print0(f"warning: {len(same)} of {len(pairs)} pairs have identical chosen and rejected responses "
+               f"(first: {same[0]}); they add nothing but a constant to the loss")
+
+
 def run_sft(cfg: SFTConfig) -> Path:
     run_dir = start_run(cfg)
+    if cfg.model:
+        check_slot(cfg.model, "model", "lm")
     tok = load_tokenizer(cfg)
     rows = read_sft(cfg.data)
     data = encode_rows(rows, lambda r: (tok.encode_prompt(r.prompt, cfg.max_prompt_len),
                                         tok.encode_response(r.prompt, r.response, cfg.max_response_len)))
     model = shard(load_model(cfg.model, "lm", cfg, tok), cfg)
+    check_context(rows, data, model.args.max_seq_len)
     print0(f"{len(data)} SFT examples, model {model.num_params() / 1e6:.2f}M parameters")
 
     def loss_fn(idx):
@@ -637,17 +392,12 @@ def scores(model):
     return lambda b: rm_math.gather_last(model(b["input_ids"], b["attention_mask"]).float(), b["attention_mask"])
 
 
-def write_json(path: Path, obj):
-    if D.main:
-        path.write_text(json.dumps(obj, indent=2) + "\n")
-
-
 def run_dpo(cfg: DPOConfig) -> Path:
     run_dir = start_run(cfg)
-    tok = load_tokenizer(cfg)
-    pairs = encode_pairs(tok, read_preferences(cfg.data), cfg)
-    eval_pairs = encode_pairs(tok, read_preferences(cfg.eval_data), cfg) if cfg.eval_data else []
+    check_slot(cfg.model, "model", "lm")
+    tok, rows, pairs, eval_pairs = load_pairs(cfg)
     model = shard(load_model(cfg.model, "lm", cfg, tok), cfg)
+    check_context(rows, pairs, model.args.max_seq_len)
     # The reference is the starting (SFT) model itself: its log-probs are computed once, before the first
     # step, so no frozen copy has to stay in memory. On a resumed run they come from the checkpoint's
     # starting point, which is the same model: --model is still the SFT checkpoint.
@@ -678,10 +428,10 @@ def run_dpo(cfg: DPOConfig) -> Path:
 
 def run_rm(cfg: RMConfig) -> Path:
     run_dir = start_run(cfg)
-    tok = load_tokenizer(cfg)
-    pairs = encode_pairs(tok, read_preferences(cfg.data), cfg)
-    eval_pairs = encode_pairs(tok, read_preferences(cfg.eval_data), cfg) if cfg.eval_data else []
+    check_slot(cfg.model, "model", None)  # a policy (a new head) or a reward model to train further
+    tok, rows, pairs, eval_pairs = load_pairs(cfg)
     model = shard(load_model(cfg.model, "score", cfg, tok), cfg)
+    check_context(rows, pairs, model.args.max_seq_len)
 
     def loss_fn(idx):
         b = pair_batch([pairs[i] for i in idx], tok)
@@ -712,12 +462,6 @@ def run_rm(cfg: RMConfig) -> Path:
 def seed_for(*parts: int) -> int:
     """A 63-bit seed derived from (seed, step, rank, ...): every random draw in a step is a function of these."""
     return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> 1)
-
-
-def frozen(model: Llama) -> Llama:
-    model.eval()
-    model.requires_grad_(False)
-    return model
 
 
 @torch.no_grad()
@@ -758,21 +502,30 @@ def run_ppo(cfg: PPOConfig, gold=None) -> Path:
         dpo_ref = json.loads(dpo_cfg.read_text()).get("model") if dpo_cfg.is_file() else None
         if dpo_ref is not None and Path(dpo_ref).resolve() != Path(cfg.policy).resolve():
             print0(f"warning: {cfg.dpo} was trained from {dpo_ref}, but --policy (pi_ref) is {cfg.policy}")
+    check_slot(cfg.policy, "policy", "lm")
+    for flag, want, used in (("dpo", "lm", uses_dpo), ("rm", "score", uses_rm), ("critic", None, bool(cfg.critic))):
+        if used:
+            check_slot(getattr(cfg, flag), flag, want, policy=cfg.policy)
     tok = open_tokenizer(cfg.policy)
     prompt_rows = read_prompts(cfg.prompts)
     prompts = encode_rows(prompt_rows, lambda r: tok.encode_prompt(r.prompt, cfg.max_prompt_len))
 
     actor = shard(load_model(cfg.policy, "lm", tok=tok), cfg)
+    check_context(prompt_rows, [(p, [0] * cfg.max_response_len) for p in prompts], actor.args.max_seq_len)
     ref = frozen(shard(load_model(cfg.policy, "lm", tok=tok), cfg))  # pi_ref = the SFT model, for KL and RTO
     dpo_model = frozen(shard(load_model(cfg.dpo, "lm", tok=tok), cfg)) if uses_dpo else None
     rm_model = frozen(shard(load_model(cfg.rm, "score", tok=tok), cfg)) if uses_rm else None
     # the critic starts from the reward model, as the reference code does (dpo-only has none: the SFT backbone)
     critic = shard(load_model(cfg.critic or (cfg.rm if uses_rm else cfg.policy), "score", tok=tok), cfg)
     if uses_rm and cfg.normalize_reward:
-        if rm_model.args.score_std is None:
-            raise ValueError(f"{cfg.rm}/config.json has no rto_score_mean/rto_score_std: train it with "
-                             f"`train.py rm`, or pass --no-normalize_reward")
         score_mean, score_std = rm_model.args.score_mean, rm_model.args.score_std
+        if score_std is None:
+            raise UserError(f"{cfg.rm}/config.json has no rto_score_mean/rto_score_std: train it with "
+                            f"`train.py rm`, or pass --no-normalize_reward")
+        if not (math.isfinite(score_std) and score_std > 0 and math.isfinite(score_mean)):
+            raise UserError(f"{cfg.rm}/config.json: field 'rto_score_std' is {score_std} (mean {score_mean}): the RM "
+                            f"gave every held-out response the same score, so normalising by it is meaningless; "
+                            f"retrain the RM or pass --no-normalize_reward")
     else:
         score_mean, score_std = 0.0, 1.0
     # A critic that starts as a reward model predicts raw scores; the returns it regresses on are built from
@@ -843,6 +596,7 @@ def run_ppo(cfg: PPOConfig, gold=None) -> Path:
             kl_estimator=cfg.kl_estimator, no_eos_penalty=cfg.no_eos_penalty)
         adv, buf["returns"] = ppo_math.gae(rewards, buf["values_old"], mask, cfg.gamma, cfg.lam)
         buf["advantages"] = ppo_math.masked_whiten(adv, mask)
+        check_finite(step + 1, {"reward": rewards, "value": buf["values_old"], "advantage": buf["advantages"]})
 
         # 3. PPO epochs: minibatches of whole micro-batches in a seeded order.
         actor.train(), critic.train()
@@ -869,8 +623,11 @@ def run_ppo(cfg: PPOConfig, gold=None) -> Path:
                     for key, v in {"policy_loss": pl, "value_loss": vl, **pst, **vst,
                                    "entropy": ppo_math.masked_mean(ent, b["response_mask"])}.items():
                         stats.setdefault(key, []).append(float(v.detach()))
-                clip_and_step(actor, actor_opt, actor_sched, cfg.grad_clip)
-                clip_and_step(critic, critic_opt, critic_sched, cfg.grad_clip)
+                # this minibatch's losses are checked with the gradient norms, before each optimizer step
+                clip_and_step(actor, actor_opt, actor_sched, cfg.grad_clip, step + 1,
+                              {"policy_loss": stats["policy_loss"][-len(group):]})
+                clip_and_step(critic, critic_opt, critic_sched, cfg.grad_clip, step + 1,
+                              {"value_loss": stats["value_loss"][-len(group):]})
 
         # 4. Metrics: per-sequence sums averaged over every rank's responses.
         seq = {"score": raw_score if uses_rm else torch.zeros(N, device=D.device),
@@ -938,29 +695,31 @@ class PipelineConfig:
     out: str = F("runs/demo", "run directory: data/, tokenizer/, sft/, dpo/, rm/, <algo>/, results.md")
     seed: int = F(0, "seeds the task, the data and every stage")
     algos: str = F("ppo,rto", f"comma-separated PPO variants to train and compare, from {','.join(rto.ALGOS)}")
-    device: str = F("auto", "auto | cpu | cuda")
+    device: str = F("auto", "auto | cpu | cuda", choices=DEVICES)
     preset: str = F("tiny", "model.py preset of the policy trained from scratch")
-    length_cost: float = F(0.5, "the task's gold reward pays this per word of distance from target_words")
-    target_words: int = F(6, "the response length the gold reward prefers (0: a plain per-word cost)")
-    n_sft: int = F(4096, "SFT demonstrations (neutral responses)")
-    n_pref: int = F(4096, "preference pairs labelled by Bradley-Terry on the gold reward")
-    n_prompts: int = F(2048, "PPO training prompts")
-    n_eval: int = F(256, "held-out prompts and preference pairs")
-    sft_epochs: int = F(3, "SFT passes over the demonstrations")
-    pref_epochs: int = F(2, "DPO and RM passes over the pairs")
-    ppo_steps: int = F(150, "PPO rollouts per algorithm")
-    vocab_size: int = F(512, "BPE vocabulary trained on the task's text (every task word becomes one token)")
-    max_len: int = F(16, "max prompt tokens and max response tokens")
-    batch_size: int = F(64, "SFT / DPO / RM examples per step, and prompts per PPO rollout")
-    sft_lr: float = F(3e-3, "SFT learning rate (a 2-layer model from scratch: far above the paper's 8B values)")
-    pref_lr: float = F(1e-3, "DPO and reward-model learning rate")
-    dpo_beta: float = F(0.1, "DPO beta")
-    actor_lr: float = F(3e-4, "PPO actor learning rate")
-    critic_lr: float = F(1e-3, "PPO critic learning rate")
-    beta1: float = F(0.05, "scale of the DPO token reward in rto / semi-rto / dpo-only (reference: 0.05)")
-    dpo_clip: float = F(0.05, "clip of each DPO token reward (reference: 0.05)")
-    beta2: float = F(0.01, "KL coefficient of every PPO variant (reference: 0.01)")
+    length_cost: float = F(0.5, "the task's gold reward pays this per word of distance from target_words", NONNEG)
+    target_words: int = F(6, "the response length the gold reward prefers (0: a plain per-word cost)", NONNEG)
+    n_sft: int = F(4096, "SFT demonstrations (neutral responses)", COUNT)
+    n_pref: int = F(4096, "preference pairs labelled by Bradley-Terry on the gold reward", COUNT)
+    n_prompts: int = F(2048, "PPO training prompts", COUNT)
+    n_eval: int = F(256, "held-out prompts and preference pairs", COUNT)
+    sft_epochs: int = F(3, "SFT passes over the demonstrations", COUNT)
+    pref_epochs: int = F(2, "DPO and RM passes over the pairs", COUNT)
+    ppo_steps: int = F(150, "PPO rollouts per algorithm", COUNT)
+    vocab_size: int = F(512, "BPE vocabulary trained on the task's text (every task word becomes one token)",
+                        "[64, inf)")
+    max_len: int = F(16, "max prompt tokens and max response tokens", "[2, inf)")
+    batch_size: int = F(64, "SFT / DPO / RM examples per step, and prompts per PPO rollout", "[2, inf)")
+    sft_lr: float = F(3e-3, "SFT learning rate (a 2-layer model from scratch: far above the paper's 8B values)", POS)
+    pref_lr: float = F(1e-3, "DPO and reward-model learning rate", POS)
+    dpo_beta: float = F(0.1, "DPO beta", POS)
+    actor_lr: float = F(3e-4, "PPO actor learning rate", POS)
+    critic_lr: float = F(1e-3, "PPO critic learning rate", POS)
+    beta1: float = F(0.05, "scale of the DPO token reward in rto / semi-rto / dpo-only (reference: 0.05)", POS)
+    dpo_clip: float = F(0.05, "clip of each DPO token reward (reference: 0.05)", POS)
+    beta2: float = F(0.01, "KL coefficient of every PPO variant (reference: 0.01)", NONNEG)
     progress: bool = F(True, "show tqdm bars")
+    overwrite: bool = F(False, "rerun into an --out that holds finished stages, replacing them")
 
 
 def stage_configs(pc: PipelineConfig, data: dict, tok_dir: Path):
@@ -969,7 +728,7 @@ def stage_configs(pc: PipelineConfig, data: dict, tok_dir: Path):
     A PPO rollout of batch_size prompts is two minibatches (batch_size / 2 each)."""
     out = Path(pc.out)
     common = dict(seed=pc.seed, device=pc.device, progress=pc.progress, max_prompt_len=pc.max_len,
-                  max_response_len=pc.max_len)
+                  max_response_len=pc.max_len, overwrite=pc.overwrite)
     micro = pc.batch_size // D.world  # each rank's share of a batch in one forward pass
     sft = SFTConfig(**common, out=str(out / "sft"), data=str(data["sft"]), tokenizer=str(tok_dir), preset=pc.preset,
                     lr=pc.sft_lr, batch_size=pc.batch_size, micro_batch_size=micro, epochs=pc.sft_epochs)
@@ -989,10 +748,11 @@ def stage_configs(pc: PipelineConfig, data: dict, tok_dir: Path):
 
 def run_all(pc: PipelineConfig):
     out = Path(pc.out)
+    check_range(pc)
     print0("== PipelineConfig\n" + config_json(pc))
     for algo in pc.algos.split(","):
         if algo not in rto.ALGOS:
-            raise ValueError(f"--algos: unknown {algo!r}; choose from {rto.ALGOS}")
+            raise UserError(f"--algos: unknown {algo!r}; choose from {', '.join(rto.ALGOS)}")
     task = WordTask(seed=pc.seed, length_cost=pc.length_cost, target_words=pc.target_words)
     data = {k: out / "data" / f"{k}.jsonl" for k in ("sft", "prefs", "prompts", "eval_prefs", "eval_prompts")}
     if D.main:
@@ -1046,20 +806,22 @@ def run_all(pc: PipelineConfig):
 class SampleConfig:
     model: str = F("", "HF-format Llama directory with tokenizer.json (any stage's final/, or a downloaded model)")
     prompt: list = F([], "prompt text (repeat --prompt for several)")
-    n: int = F(1, "completions per prompt")
-    max_new_tokens: int = F(128, "tokens to generate at most")
-    temperature: float = F(0.7, "sampling temperature (0 = greedy)")
-    top_k: int = F(0, "sample from the k most likely tokens (0: all)")
-    top_p: float = F(0.95, "nucleus sampling mass")
+    n: int = F(1, "completions per prompt", COUNT)
+    max_new_tokens: int = F(128, "tokens to generate at most", COUNT)
+    temperature: float = F(0.7, "sampling temperature (0 = greedy)", NONNEG)
+    top_k: int = F(0, "sample from the k most likely tokens (0: all)", NONNEG)
+    top_p: float = F(0.95, "nucleus sampling mass", "(0, 1]")
     seed: int = F(0, "sampling seed")
-    device: str = F("auto", "auto | cpu | cuda")
+    device: str = F("auto", "auto | cpu | cuda", choices=DEVICES)
     bf16: bool = F(False, "load the weights in bf16")
 
 
 @torch.no_grad()
 def run_sample(cfg: SampleConfig):
+    check_range(cfg)
     if not cfg.model or not cfg.prompt:
-        raise ValueError("give --model DIR and at least one --prompt TEXT")
+        raise UserError("give --model DIR and at least one --prompt TEXT")
+    check_slot(cfg.model, "model", "lm")
     tok = open_tokenizer(cfg.model)
     model = Llama.from_pretrained(cfg.model, device=D.device, dtype=torch.bfloat16 if cfg.bf16 else None).eval()
     prompts = [tok.encode_prompt([{"role": "user", "content": p}], model.args.max_seq_len) for p in cfg.prompt
@@ -1107,9 +869,8 @@ def parse_args(argv: list[str]):
 
 
 def main(argv=None):
-    global D
     cfg, fn = parse_args(sys.argv[1:] if argv is None else argv)
-    D = init_dist(cfg.device)
+    init_dist(cfg.device)
     ok = False
     try:
         torch.manual_seed(getattr(cfg, "seed", 0))
@@ -1121,13 +882,34 @@ def main(argv=None):
             print(f"[rank {D.rank}] failed:", file=sys.stderr, flush=True)
         raise
     finally:
+        release_locks(ok)
         close_dist(ok)
+
+
+# A mistake in the command line, the data or a checkpoint is reported in one line, not a traceback; these are the
+# errors this project raises with a message that says what and where (--debug or RTO_DEBUG=1: the traceback).
+USER_ERRORS = (ValueError, KeyError, OSError)
+
+
+def cli():
+    debug = "--debug" in sys.argv or os.environ.get("RTO_DEBUG", "") not in ("", "0")
+    if "--debug" in sys.argv:
+        sys.argv.remove("--debug")
+    try:
+        main()
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        where = f"[rank {D.rank}] " if D.world > 1 else ""
+        print(f"{where}error: {msg}\n(run with --debug or RTO_DEBUG=1 for the traceback)", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    record(main)()  # under torchrun, the failing rank's traceback is in the job's error summary
+    record(cli)()  # under torchrun, a failing rank's traceback (not a user error's) is in the job's error summary
     if D.world > 1:
         # gloo occasionally aborts the process during interpreter shutdown after a clean destroy (seen on
         # torch 2.13 CPU, about 1 run in 5), which torchrun reports as a failed job: leave without the shutdown

@@ -431,7 +431,9 @@ def test_interrupted_save_keeps_previous_checkpoint(where, tmp_path, monkeypatch
     else:
         def boom(path):
             raise Boom("killed while writing the RNG state")
-        monkeypatch.setattr(train, "save_rng", boom)
+        import runtime
+
+        monkeypatch.setattr(runtime, "save_rng", boom)
     with pytest.raises(Boom):
         train.save_checkpoint(tmp_path, 4, *state, cfg)
     monkeypatch.undo()

@@ -1,0 +1,609 @@
+"""The machinery under train.py's loops: processes and FSDP2, loading and sharding models, resumable checkpoints,
+the run directory (lock, config, metrics) and the checks that stop a run early instead of letting it go wrong.
+
+    from runtime import D, print0, shard, gathered, save_checkpoint, load_checkpoint
+    D.rank, D.world, D.device      # this process's place in the job, set once by init_dist()
+
+Nothing here is RLHF: train.py reads top to bottom as the stages' loops and calls these.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import pickle
+import re
+import shutil
+import socket
+import sys
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from data import Tokenizer
+from model import Llama, ModelArgs, hf_name, replace_dir, resize_vocab, save_hf_checkpoint
+
+
+class UserError(ValueError):
+    """A mistake in the command line, the data or a checkpoint: main() prints its message, not a traceback."""
+
+
+# ==========================================================================================================
+# Distributed: torchrun is detected from the environment; one process needs no process group at all.
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_dist(device: str) -> Dist:
+    """Set D from the environment (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE). D is updated in place, so every
+    module that imported it sees the same object."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "RANK" not in os.environ:  # plain `python train.py`
+        D.rank, D.world, D.device = 0, 1, torch.device(device)
+        return D
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    D.rank, D.world, D.device = dist.get_rank(), dist.get_world_size(), dev
+    return D
+
+
+def close_dist(ok: bool):
+    """Tear the process group down. After a failure on nccl we skip it: destroy can block while the other ranks
+    sit in a collective, and this process must exit so torchrun can end the job and show this rank's error."""
+    if not dist.is_initialized():
+        return
+    if ok:
+        dist.barrier()
+    if ok or dist.get_backend() == "gloo":
+        dist.destroy_process_group()
+
+
+D = Dist()  # this process's place in the job; set once by init_dist()
+
+
+def print0(*args):
+    if D.main:
+        tqdm.write(" ".join(str(a) for a in args))
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of a tensor over ranks (identity on one process)."""
+    if D.world > 1:
+        y = x.to(D.device, copy=True)  # nccl reduces CUDA tensors only
+        dist.all_reduce(y)
+        x = y.to(x.device)
+    return x
+
+
+def all_max(x: float) -> float:
+    t = torch.tensor(x, dtype=torch.float64)
+    if D.world > 1:
+        t = t.to(D.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def reduce_metrics(sums: dict[str, float], count: float) -> dict[str, float]:
+    """Metric sums from every rank -> their global means (count = number of units summed, on this rank)."""
+    keys = sorted(sums)
+    t = all_sum(torch.tensor([float(sums[k]) for k in keys] + [float(count)], dtype=torch.float64))
+    return {k: (t[i] / t[-1]).item() for i, k in enumerate(keys)}
+
+
+def shard(model: Llama, cfg) -> Llama:
+    """FSDP2: each block is its own all-gather unit, then the root (embeddings, final norm, head).
+
+    Used whenever there are several processes, or bf16 is asked for (the mixed-precision policy keeps fp32
+    master weights and reduces gradients in fp32). Frozen models (reference, DPO model and reward model during
+    PPO) are sharded the same way: at the paper's scale three unsharded 8B copies per GPU would not fit.
+    """
+    model.to(D.device)
+    model.grad_checkpointing = cfg.activation_checkpointing
+    if D.world == 1 and not cfg.bf16:
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if not dist.is_initialized():  # one process asking for bf16: FSDP needs a (single-rank) process group
+        dist.init_process_group("nccl" if D.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cfg.bf16 else None
+    kw = {"mp_policy": mp} if mp is not None else {}
+    for block in model.layers:
+        fully_shard(block, **kw)
+    # The root (embeddings, final norm, head) reshards after forward too: otherwise a no_grad forward (a rollout,
+    # a reference pass) leaves its full parameters gathered, and an optimizer step then updates only the shards,
+    # so the next forward would silently reuse stale weights.
+    fully_shard(model, reshard_after_forward=True, **kw)
+    return model
+
+
+@contextmanager
+def gathered(model):
+    """Generation runs one forward per token: gather the sharded weights once for the whole loop instead of
+    once per token, then shard them again (FSDP2 unshard / reshard)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in mods:  # unshard() is not recursive: every block and the root, each once
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield  # call model(...) inside, never a block directly: FSDP's root bookkeeping runs in root.forward
+    finally:
+        for m in mods:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """The unsharded state dict on CPU (on rank 0; other ranks get an empty dict under FSDP)."""
+    if D.world == 1 and not any(hasattr(p, "full_tensor") for p in model.parameters()):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+# ==========================================================================================================
+# Checkpoints. Resumable ones are torch.distributed.checkpoint (sharded, loadable at any world size) written
+# to step_N.tmp and renamed only when every rank has finished: a kill mid-save leaves the previous one intact.
+
+
+MANIFEST = "manifest.json"  # sha256 of every file of a checkpoint, written last, inside the atomic rename
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(ckpt: Path):
+    files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {"format": "rto-checkpoint-1", "files": {str(p.relative_to(ckpt)): sha256(p) for p in files}}
+    (ckpt / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def verify_manifest(ckpt: Path):
+    """Refuse a checkpoint unless every file is exactly one this project wrote: listed in manifest.json with the
+    same sha256, nothing missing, nothing added. Runs before any of its files is read."""
+    path = ckpt / MANIFEST
+    try:
+        listed = json.loads(path.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{ckpt}: no readable {MANIFEST} ({e.__class__.__name__}); not a checkpoint this project "
+                        f"completed, refusing to resume from it") from None
+    present = {str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST}
+    bad = sorted(present ^ set(listed)) + sorted(f for f in present & set(listed) if sha256(ckpt / f) != listed[f])
+    if bad:
+        raise UserError(f"{ckpt}: files {bad[:5]} differ from {MANIFEST} (changed, added or missing since this "
+                        f"project wrote them); refusing to resume from it")
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """DCP keeps its .metadata as a pickle, and pickle can run code. This one builds only the plain classes DCP
+    metadata is made of, so even a replaced .metadata cannot execute anything."""
+    ALLOWED = {("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")} | {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+        ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+        ("collections", "OrderedDict")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+
+def safe_dcp_reader(path: Path):
+    """A FileSystemReader whose .metadata goes through SafeUnpickler, and a planner whose non-tensor entries
+    (optimizer hyper-parameters, DCP stores them with torch.save) load with torch.load(weights_only=True)."""
+    import io
+
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):  # FileSystemReader's, with SafeUnpickler for pickle.load
+            with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+                metadata = SafeUnpickler(f).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            obj = torch.load(value, weights_only=True)  # refuses anything but tensors and plain containers
+            buf = io.BytesIO()
+            torch.save(obj, buf)  # the base class unpickles it again: now it holds only what was just checked
+            buf.seek(0)
+            super().load_bytes(read_item, buf)
+
+    return Reader(str(path)), Planner()
+
+
+def save_checkpoint(run_dir: Path, step: int, models: dict, optims: dict, scheds: dict, cfg):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    ckpt_dir = run_dir / "checkpoints"
+    tmp, final = ckpt_dir / f"step_{step:06d}.tmp", ckpt_dir / f"step_{step:06d}"
+    try:
+        if D.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        state = {}
+        for name, model in models.items():
+            msd, osd = get_state_dict(model, optims[name])
+            state[name], state[f"{name}_optim"] = msd, osd
+        dcp.save(state, checkpoint_id=str(tmp))
+        # this rank's RNG state (the loops draw from generators derived from (seed, step, rank), so this is
+        # belt and braces: torch's global generator is the only state not implied by the step)
+        save_rng(tmp / f"rng_rank{D.rank}.safetensors")
+        barrier()
+        if D.main:
+            meta = {"step": step, "world": D.world, "schedulers": {k: v.state_dict() for k, v in scheds.items()}}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+            (tmp / "train_config.json").write_text(config_json(cfg))
+            write_manifest(tmp)  # last: a checkpoint without a manifest was never completed
+            replace_dir(tmp, final)  # the commit point (an earlier run's step_N in this directory is swapped out)
+            for old in ckpt_dir.glob("step_*"):
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:  # a full disk, a read-only directory: say where and why; the previous checkpoint stands
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"could not write checkpoint {final}: {e.strerror or e} ({e.filename or tmp}); "
+                        f"the previous checkpoint is untouched") from None
+    barrier()
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    done = sorted(p for p in (run_dir / "checkpoints").glob("step_*")
+                  if re.fullmatch(r"step_\d+", p.name) and (p / "meta.json").is_file())  # never .tmp or .old
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, models: dict, optims: dict, scheds: dict) -> int:
+    """Restore models, optimizers, schedulers and this rank's RNG from a checkpoint; returns its step. Nothing is
+    read before the manifest checks out, and nothing read can run code (safe_dcp_reader, safetensors, JSON)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    verify_manifest(path)
+    state = {}
+    for name, model in models.items():
+        state[name], state[f"{name}_optim"] = get_state_dict(model, optims[name])
+    reader, planner = safe_dcp_reader(path)
+    try:
+        dcp.load(state, storage_reader=reader, planner=planner)
+    except Exception as e:  # a DCP file this project wrote but that no longer loads (a torch version change)
+        raise UserError(f"{path}: the checkpoint does not load: {e.__class__.__name__}: {e}") from None
+    for name, model in models.items():
+        set_state_dict(model, optims[name], model_state_dict=state[name], optim_state_dict=state[f"{name}_optim"])
+    rng = path / f"rng_rank{D.rank}.safetensors"
+    if rng.is_file():  # absent when the checkpoint was written by a different number of processes
+        load_rng(rng)
+    meta = json.loads((path / "meta.json").read_text())
+    for name, sched in scheds.items():
+        sched.load_state_dict(meta["schedulers"][name])
+    return meta["step"]
+
+
+def save_rng(path: Path):
+    from safetensors.torch import save_file
+
+    save_file({"torch": torch.get_rng_state()}, str(path))
+
+
+def load_rng(path: Path):
+    from safetensors.torch import load_file
+
+    torch.set_rng_state(load_file(str(path))["torch"])
+
+
+def barrier():
+    if D.world > 1:
+        dist.barrier()
+
+
+def export_hf(model: Llama, tok: Tokenizer, path: Path, cfg):
+    """The trained model as a complete HF checkpoint, written by rank 0: config.json (with this tokenizer's
+    bos/eos/pad ids), the weights (sharded with an index above 2 GB), the tokenizer files carried over from the
+    input (chat template and special tokens intact), generation_config.json (every stop id) and train_config.json."""
+    sd = full_state_dict(model)
+    if D.main:
+        args = model.args
+        sd = {hf_name(k): v for k, v in sd.items() if not (k == "output.weight" and args.tie_embeddings)}
+        extra = {**tok.hf_files(), "generation_config.json": tok.generation_config_json(),
+                 "train_config.json": config_json(cfg)}
+        save_hf_checkpoint(sd, args.to_hf_config(), path, 2 * 1024**3, extra)
+    barrier()
+
+
+def config_json(cfg) -> str:
+    return json.dumps({"stage": type(cfg).__name__, **asdict(cfg)}, indent=2) + "\n"
+
+
+# ==========================================================================================================
+# Loading models and tokenizers
+
+
+def load_model(path: str, head: str = "lm", cfg=None, tok: Tokenizer | None = None) -> Llama:
+    """An HF checkpoint as a policy (head="lm") or a reward model / critic (head="score"; a causal-LM checkpoint
+    gets a fresh scalar head). Without a path: a new model from cfg.preset sized to the tokenizer."""
+    if path:
+        # fp32 weights whatever the checkpoint stores (HF Llama-3 ships bf16): these are the master weights that
+        # AdamW updates (in bf16, 0.02 - 5e-7 == 0.02); --bf16 makes FSDP compute in bf16, not store in it
+        model = Llama.from_pretrained(path, head=head, dtype=torch.float32)
+    else:
+        torch.manual_seed(cfg.seed)
+        model = Llama(ModelArgs.preset(cfg.preset, vocab_size=tok.vocab_size, head=head))
+    if tok is not None:
+        if tok.added_tokens:  # a new pad token: it needs an embedding row (a spare one, or one more)
+            if tok.vocab_size > model.args.vocab_size:
+                print0(f"{path}: embedding grown from {model.args.vocab_size} to {tok.vocab_size} rows for "
+                       f"{tok.added_tokens}")
+                model = resize_vocab(model, tok.vocab_size)
+            model.args.added_tokens = [*model.args.added_tokens, *tok.added_tokens]
+        specials = {"bos": tok.bos_id, "pad": tok.pad_id, **{f"stop {i}": i for i in tok.stop_ids}}
+        too_big = {k: i for k, i in specials.items() if i is not None and i >= model.args.vocab_size}
+        if too_big:
+            raise ValueError(f"{path or 'new model'}: tokenizer ids {too_big} do not fit the model's vocab_size "
+                             f"{model.args.vocab_size}: is the tokenizer from another model?")
+        # the checkpoint describes the tokenizer it was trained with (config.json's ids, read by HF tools)
+        model.args.bos_token_id, model.args.pad_token_id = tok.bos_id, tok.pad_id
+        model.args.eos_token_id = tok.stop_ids[0] if len(tok.stop_ids) == 1 else list(tok.stop_ids)
+    return model
+
+
+def check_slot(path: str, flag: str, want: str | None, policy: str | None = None):
+    """Before any weights are read: the checkpoint at --flag is the right kind (want "lm": a policy, "score": a reward
+    model, None: either) and, when policy is given, speaks the policy's vocabulary (same tokens, same ids)."""
+    import tokenizers
+
+    from data import read_json_file
+
+    cfg = read_json_file(Path(path) / "config.json")
+    if cfg is None:
+        raise UserError(f"--{flag} {path}: no config.json (expected a Hugging Face checkpoint directory)")
+    arch = (cfg.get("architectures") or ["?"])[0]
+    kind = "score" if arch.endswith("ForSequenceClassification") else "lm"
+    if want is not None and kind != want:
+        what = {"lm": "a causal LM (a policy)", "score": "a reward model (train.py rm writes one)"}
+        raise UserError(f"--{flag} {path} is a {arch}, {what[kind]}; --{flag} takes {what[want]}")
+    if policy is not None:
+        vocab = {}
+        for d in (policy, path):
+            try:
+                vocab[d] = tokenizers.Tokenizer.from_file(str(Path(d) / "tokenizer.json")).get_vocab(True)
+            except Exception as e:
+                raise UserError(f"{Path(d) / 'tokenizer.json'}: cannot be read ({e})") from None
+        if vocab[policy] != vocab[path]:
+            differ = len(set(vocab[policy].items()) ^ set(vocab[path].items()))
+            raise UserError(f"--{flag} {path} has another tokenizer than --policy {policy} ({differ} token/id pairs "
+                            f"differ): every model of a PPO run must share the policy's vocabulary")
+
+
+def open_tokenizer(src: str) -> Tokenizer:
+    """A checkpoint's tokenizer, with one line on what was read: the format, the stop ids and any choice made."""
+    tok = Tokenizer.from_dir(src)
+    for note in tok.notes:
+        print0(note)
+    fmt = "its chat template" if tok.chat else "the plain 'role: text' format (no chat_template)"
+    print0(f"{src}: prompts in {fmt}; responses end with {tok.tk.id_to_token(tok.eos_id)!r}; stop ids "
+           f"{tok.stop_ids}; pad {tok.pad_id}")
+    return tok
+
+
+def frozen(model: Llama) -> Llama:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+# ==========================================================================================================
+# The run directory: config, metrics
+
+
+class Logger:
+    """One fixed-format line per step (rank 0), every metric also appended to <out>/metrics.jsonl."""
+
+    def __init__(self, run_dir: Path, resume_step: int, keys: list[str]):
+        self.path, self.keys = run_dir / "metrics.jsonl", keys
+        if D.main and self.path.exists():  # a resumed run rewrites what the killed run logged after its checkpoint
+            rows = [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()]
+            tmp = self.path.with_suffix(".jsonl.tmp")  # rewritten beside, then renamed: a crash loses nothing
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= resume_step))
+            os.replace(tmp, self.path)
+
+    def log(self, step: int, metrics: dict):
+        if not D.main:
+            return
+        pending = RUN["config"].pop(self.path.parent, None)
+        if pending is not None:  # the run has made a step: now its directory holds a run (see start_run)
+            (self.path.parent / "train_config.json").write_text(pending)
+        # valid JSON whatever happens: a non-finite metric (explained variance of a constant) is written as null
+        row = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in metrics.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **row}, allow_nan=False) + "\n")
+        line = f"step {step:5d}" + "".join(f" | {k} {metrics[k]:.4g}" for k in self.keys if k in metrics)
+        tqdm.write(line)
+
+
+class NonFiniteError(UserError):
+    """A loss, reward, advantage or gradient norm that is NaN or infinite: the run stops before it is saved."""
+
+
+def check_finite(step: int, values: dict):
+    """Stop the run at the first non-finite quantity, on every rank at once (one all-reduced flag per quantity),
+    naming it and the step. Called before the optimizer step, so no checkpoint or export holds the bad state."""
+    names = list(values)
+    bad = torch.tensor([0.0 if bool(torch.isfinite(torch.as_tensor(values[n])).all()) else 1.0 for n in names],
+                       dtype=torch.float64)
+    bad = all_sum(bad)
+    if bad.any():
+        which = [n for n, b in zip(names, bad.tolist()) if b]
+        raise NonFiniteError(f"step {step}: {', '.join(which)} not finite (NaN or inf); stopped before the optimizer "
+                             f"step, so no checkpoint or export holds this state (lower the learning rate or the "
+                             f"reward scale, or look at the inputs)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config checks: every field's allowed range, the same meaning on --resume
+
+# Fields that --resume may change: they do not change what the run computes up to where it stopped (out: the run
+# directory was moved or copied). max_steps lengthens or shortens the run, and the cosine schedule then follows the
+# new length from the resumed step on.
+RESUME_MAY_CHANGE = ("resume", "out", "max_steps", "save_every", "progress", "overwrite")
+
+
+def check_range(cfg):
+    """Every field with a declared range (metadata "range", e.g. "(0, 1]") or choices must satisfy it; floats must
+    be finite. One error names the field, its value and what is allowed."""
+    import dataclasses
+
+    for f in dataclasses.fields(cfg):
+        v, spec, choices = getattr(cfg, f.name), f.metadata.get("range"), f.metadata.get("choices")
+        if choices is not None and v not in choices:
+            raise UserError(f"--{f.name} {v!r}: choose one of {', '.join(map(str, choices))}")
+        if spec is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise UserError(f"--{f.name} {v!r}: expected a number in {spec}")
+        lo, hi = (s.strip() for s in spec[1:-1].split(","))
+        ok = math.isfinite(v)
+        ok = ok and (v > float(lo) if spec[0] == "(" else v >= float(lo))
+        ok = ok and (hi == "inf" or (v < float(hi) if spec[-1] == ")" else v <= float(hi)))
+        if not ok:
+            raise UserError(f"--{f.name} {v}: must be in {spec}")
+
+
+def check_resume_config(cfg, ckpt: Path):
+    """Refuse --resume when a field that changes the run's meaning differs from the checkpoint's train_config.json."""
+    saved = json.loads((ckpt / "train_config.json").read_text())
+    now = json.loads(config_json(cfg))
+    changed = sorted(k for k in set(saved) | set(now) if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k))
+    if changed:
+        diff = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
+        raise UserError(f"--resume: {ckpt} was written with other settings ({diff}). These change what the run "
+                        f"computes: resume with the checkpoint's values, or start over in another --out. "
+                        f"--resume may change only {', '.join(RESUME_MAY_CHANGE)}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run directory: one run at a time (run.lock), nothing left behind by a run that never started
+
+LOCK = "run.lock"
+# this process's locks, the directories it created, and each run directory's config, written at its first step
+RUN = {"locks": [], "created": [], "config": {}}
+
+
+def take_lock(run_dir: Path):
+    """run.lock holds the pid, host and start time of the run using the directory. A lock whose process is gone
+    (same host, no such pid) is reported and taken over; a live one is an error that names it."""
+    lock = run_dir / LOCK
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "argv": sys.argv}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                other = json.loads(lock.read_text())
+                pid, host = int(other["pid"]), str(other["host"])
+            except (OSError, ValueError, KeyError, TypeError):
+                raise UserError(f"{lock} exists but is unreadable: another run may be using {run_dir}; if none is, "
+                                f"delete {lock}") from None
+            if host == me["host"] and not pid_alive(pid):
+                print0(f"{lock}: left by pid {pid}, which is no longer running; taking it over")
+                lock.unlink(missing_ok=True)
+                continue
+            raise UserError(f"{run_dir} is in use by pid {pid} on {host} ({lock}); wait for that run to end or pick "
+                            f"another --out (if that process is gone, delete {lock})")
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        RUN["locks"].append(lock)
+        return
+    raise UserError(f"{lock}: could not take the lock")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def release_locks(ok: bool):
+    """At exit: drop this process's locks, and the directories it created if they are still empty (a run that
+    failed before its first step leaves nothing a later --resume could mistake for progress)."""
+    for lock in RUN["locks"]:
+        lock.unlink(missing_ok=True)
+    for d in reversed(RUN["created"]):
+        try:
+            d.rmdir()  # only if empty
+        except OSError:
+            pass
+    RUN.update(locks=[], created=[], config={})
+
+
+def start_run(cfg) -> Path:
+    """Check everything that needs no data or weights, then take the run directory: ranges, --resume against the
+    checkpoint's config, a finished final/ (kept unless --overwrite), the lock. train_config.json is written at the
+    first step (Logger.log), so a run that fails while loading its data or weights changes nothing on disk."""
+    run_dir = Path(cfg.out)
+    check_range(cfg)
+    old = latest_checkpoint(run_dir)
+    if cfg.resume:
+        if old is None:
+            raise UserError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'} (nothing to resume; "
+                            f"drop --resume to start this run)")
+        check_resume_config(cfg, old)
+    elif old is not None:  # a fresh run would later --resume into, or overwrite, another run's state
+        raise UserError(f"{old} holds a resumable checkpoint: pass --resume to continue that run, "
+                        f"or remove {run_dir / 'checkpoints'} (or pick another --out) to start over")
+    elif (run_dir / "final").exists() and not cfg.overwrite:
+        raise UserError(f"{run_dir / 'final'} holds a finished run: pass --overwrite to replace it when this run "
+                        f"ends, or pick another --out")
+    if D.main:
+        missing = [p for p in [run_dir, *run_dir.parents] if not p.exists()]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        RUN["created"] += sorted(missing, key=lambda p: len(p.parts))
+        take_lock(run_dir)
+        RUN["config"][run_dir] = config_json(cfg)
+    print0(f"== {type(cfg).__name__} ({D.world} process{'es' if D.world > 1 else ''}, {D.device})\n"
+           + config_json(cfg))
+    barrier()
+    return run_dir
+
+
+def write_json(path: Path, obj):
+    if D.main:
+        path.write_text(json.dumps(obj, indent=2) + "\n")
