@@ -252,6 +252,7 @@ def save_checkpoint(run_dir: Path, step: int, models: dict, optims: dict, scheds
 
     ckpt_dir = run_dir / "checkpoints"
     tmp, final = ckpt_dir / f"step_{step:06d}.tmp", ckpt_dir / f"step_{step:06d}"
+    check_weights(step, models)
     try:
         if D.main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -301,8 +302,10 @@ def load_checkpoint(path: Path, models: dict, optims: dict, scheds: dict) -> int
     reader, planner = safe_dcp_reader(path)
     try:
         dcp.load(state, storage_reader=reader, planner=planner)
-    except Exception as e:  # a DCP file this project wrote but that no longer loads (a torch version change)
-        raise UserError(f"{path}: the checkpoint does not load: {e.__class__.__name__}: {e}") from None
+    except (Exception, dcp.api.CheckpointException) as e:  # (CheckpointException is a BaseException)
+        # a damaged file, or metadata that SafeUnpickler refused; DCP wraps the cause in per-rank tracebacks
+        causes = re.findall(r"(?:Error|Exception): (.+)", str(e))
+        raise UserError(f"{path}: the checkpoint does not load: {causes[-1] if causes else e}") from None
     for name, model in models.items():
         set_state_dict(model, optims[name], model_state_dict=state[name], optim_state_dict=state[f"{name}_optim"])
     rng = path / f"rng_rank{D.rank}.safetensors"
@@ -335,6 +338,7 @@ def export_hf(model: Llama, tok: Tokenizer, path: Path, cfg):
     """The trained model as a complete HF checkpoint, written by rank 0: config.json (with this tokenizer's
     bos/eos/pad ids), the weights (sharded with an index above 2 GB), the tokenizer files carried over from the
     input (chat template and special tokens intact), generation_config.json (every stop id) and train_config.json."""
+    check_weights("export", {"model": model})
     sd = full_state_dict(model)
     if D.main:
         args = model.args
@@ -468,9 +472,18 @@ def check_finite(step: int, values: dict):
     bad = all_sum(bad)
     if bad.any():
         which = [n for n, b in zip(names, bad.tolist()) if b]
-        raise NonFiniteError(f"step {step}: {', '.join(which)} not finite (NaN or inf); stopped before the optimizer "
-                             f"step, so no checkpoint or export holds this state (lower the learning rate or the "
-                             f"reward scale, or look at the inputs)")
+        raise NonFiniteError(f"step {step}: {', '.join(which)} not finite (NaN or inf); the run stops here, and no "
+                             f"checkpoint or export holds this state (lower the learning rate or the reward scale, "
+                             f"or look at the inputs)")
+
+
+def check_weights(step, models: dict):
+    """Before a checkpoint or an export: every weight finite (a finite gradient times a huge learning rate can still
+    overflow a weight). Each rank checks its shards; the flags are all-reduced."""
+    check_finite(step, {f"{name} weights": torch.tensor([bool(torch.isfinite(p.to_local() if hasattr(p, "to_local")
+                                                                             else p).all())
+                                                         for p in m.parameters()]).all()
+                        for name, m in models.items()})
 
 
 # ----------------------------------------------------------------------------------------------------------
