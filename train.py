@@ -10,10 +10,11 @@
     torchrun --nproc_per_node=8 train.py ppo ...     # the same file, N processes, FSDP2 (nccl on GPU, gloo on CPU)
     python train.py ppo --help                       # every field of a stage's config, with its default
 
-Each stage reads JSONL data (data.py) and HF-format checkpoints (model.py), writes `<out>/final` in HF format
-(+ tokenizer.json + train_config.json), appends one JSON line per step to `<out>/metrics.jsonl`, and with
---save_every N keeps a sharded, resumable checkpoint in `<out>/checkpoints` (--resume continues a killed run).
-The math lives in dpo.py, reward.py, ppo.py and rto.py; this file is the loops that call it, top to bottom.
+Each stage reads JSONL data (data.py) and HF-format checkpoints (model.py), writes `<out>/final` as a complete HF
+checkpoint (weights, config, tokenizer files, generation_config.json, train_config.json), appends one JSON line per
+step to `<out>/metrics.jsonl`, and with --save_every N keeps a sharded, resumable checkpoint in `<out>/checkpoints`
+(--resume continues a killed run). The math lives in dpo.py, reward.py, ppo.py and rto.py, the machinery
+(processes, FSDP2, checkpoints, the run directory, the checks) in runtime.py; this file is the loops, top to bottom.
 """
 from __future__ import annotations
 

@@ -507,6 +507,9 @@ def test_fresh_run_refuses_a_directory_with_a_checkpoint(inputs, stage_runs, tmp
     stale = out / "checkpoints" / "step_000003"  # e.g. from an earlier run killed after its first checkpoint
     shutil.copytree(ref / "checkpoints" / "step_000009", stale)
     (stale / "meta.json").write_text(json.dumps({**json.loads((stale / "meta.json").read_text()), "step": 3}))
+    import runtime
+
+    runtime.write_manifest(stale)  # planted as this project would have written it (resume checks the manifest)
     before = {p.name: p.read_bytes() for p in stale.iterdir()}
     (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": -1.0}) + "\n")
     p = subprocess.run(command(1, "sft", *stage_args("sft", inputs, out)), cwd=ROOT, env=ENV, capture_output=True,
