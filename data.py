@@ -608,6 +608,17 @@ WORDS = ["red", "blue", "green", "big", "small", "fast", "slow", "warm", "cold",
          "silver", "pink", "gray", "brown"]
 
 
+# The built-in tasks, by name (train.py --task, sweep.py). "words": short responses, the 45-second demo.
+# "credit": responses of 24-48 words whose gold reward is a sum of context-dependent per-word terms, and noisy
+# labels (label_temperature 3: a labeller that often prefers the worse response), so a sequence-level RM trained on
+# a few thousand pairs is imperfect, as real ones are, and credit assignment over ~40 tokens matters.
+TASKS = {
+    "words": dict(),
+    "credit": dict(n_topics=8, min_words=24, max_words=48, target_words=36, length_cost=0.5, pair_weight=0.5,
+                   label_temperature=3.0),
+}
+
+
 def _sigmoid(x):
     # split by sign so exp never overflows
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
@@ -617,7 +628,10 @@ def _sigmoid(x):
 class WordTask:
     """Prompt "topic <name>"; response: space-separated words. The gold reward of n words is
 
-        sum_i scores[topic, w_i]  -  length_cost * |n - target_words|
+        sum_i (scores[topic, w_i] + pair_weight * pairs[w_{i-1}, w_i])  -  length_cost * |n - target_words|
+
+    (pairs: a context term, how well a word follows the one before it; 0 for the first word and with the
+    default pair_weight 0)
 
     a sum of per-word terms plus a constant: word i earns scores[topic, w_i] + length_cost while
     i < target_words and scores[topic, w_i] - length_cost after, on top of -length_cost * target_words.
@@ -632,6 +646,8 @@ class WordTask:
     length_cost: float = 0.5  # gold reward pays this per word of distance from target_words
     target_words: int = 6  # the length the gold reward prefers (0: a plain per-word cost)
     unknown_word_score: float = -2.0  # score of a generated word not in the vocabulary
+    pair_weight: float = 0.0  # weight of the context term pairs[previous word, word] (0: words score alone)
+    label_temperature: float = 1.0  # preference labels: P(a preferred) = sigmoid((gold(a) - gold(b)) / this)
     topics: list = field(init=False, repr=False)
     words: list = field(init=False, repr=False)
     scores: np.ndarray = field(init=False, repr=False)  # (n_topics, n_words) ~ N(0, 1)
@@ -646,7 +662,10 @@ class WordTask:
         self.topics = TOPIC_NAMES[:self.n_topics]
         self.words = WORDS[:self.n_words]
         self._word_index = {w: i for i, w in enumerate(self.words)}
-        self.scores = np.random.default_rng(self.seed).standard_normal((self.n_topics, self.n_words))
+        rng = np.random.default_rng(self.seed)
+        self.scores = rng.standard_normal((self.n_topics, self.n_words))
+        # drawn after scores, so the default task's table is what it always was
+        self.pairs = rng.standard_normal((self.n_words, self.n_words)) if self.pair_weight else None
 
     def prompt_text(self, topic: int) -> str:
         return f"topic {self.topics[topic]}"
@@ -669,14 +688,18 @@ class WordTask:
         return self.topics.index(parts[1])
 
     def word_rewards(self, prompt, response: str) -> list[float]:
-        """One true reward term per whitespace word: scores[topic, word] +- length_cost (+ before the
-        target length, - after). gold_reward = sum of these - length_cost * target_words."""
+        """One true reward term per whitespace word: scores[topic, word] + pair_weight * pairs[previous word, word]
+        +- length_cost (+ before the target length, - after). gold_reward = sum of these - length_cost *
+        target_words."""
         t = self.topic_of(prompt)
-        out = []
+        out, prev = [], None
         for w in response.split():
             i = self._word_index.get(w)
             score = float(self.scores[t, i]) if i is not None else self.unknown_word_score
+            if self.pairs is not None and i is not None and prev is not None:
+                score += self.pair_weight * float(self.pairs[prev, i])
             out.append(score + (self.length_cost if len(out) < self.target_words else -self.length_cost))
+            prev = i
         return out
 
     def gold_reward(self, prompt, response: str) -> float:
@@ -689,7 +712,7 @@ class WordTask:
         b = self.sample_response(rng)
         while b == a:  # an identical pair carries no preference signal
             b = self.sample_response(rng)
-        p_a = _sigmoid(self.gold_reward(prompt, a) - self.gold_reward(prompt, b))
+        p_a = _sigmoid((self.gold_reward(prompt, a) - self.gold_reward(prompt, b)) / self.label_temperature)
         chosen, rejected = (a, b) if rng.random() < p_a else (b, a)
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 

@@ -504,12 +504,12 @@ def check_range(cfg):
         v, spec, choices = getattr(cfg, f.name), f.metadata.get("range"), f.metadata.get("choices")
         if choices is not None and v not in choices:
             raise UserError(f"--{f.name} {v!r}: choose one of {', '.join(map(str, choices))}")
-        if spec is None:
+        if spec is None or v is None:  # None: an optional override left unset
             continue
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise UserError(f"--{f.name} {v!r}: expected a number in {spec}")
         lo, hi = (s.strip() for s in spec[1:-1].split(","))
-        ok = math.isfinite(v)
+        ok = math.isfinite(v) or (v == math.inf and spec.endswith("inf]"))  # "inf]": infinity itself allowed
         ok = ok and (v > float(lo) if spec[0] == "(" else v >= float(lo))
         ok = ok and (hi == "inf" or (v < float(hi) if spec[-1] == ")" else v <= float(hi)))
         if not ok:

@@ -36,7 +36,8 @@ import dpo as dpo_math
 import ppo as ppo_math
 import reward as rm_math
 import rto
-from data import DataError, Tokenizer, WordTask, collate, pad_left, read_preferences, read_prompts, read_sft, train_tokenizer
+from data import (TASKS, DataError, Tokenizer, WordTask, collate, pad_left, read_preferences, read_prompts, read_sft,
+                  train_tokenizer)
 from model import Llama, generate
 from runtime import (D, Logger, UserError, all_max, all_sum, barrier, check_finite, check_range, check_slot, close_dist,
                      config_json, export_hf, frozen, gathered, init_dist, latest_checkpoint, load_checkpoint, load_model,
@@ -144,7 +145,7 @@ class PPOConfig(Config):
     top_p: float = F(1.0, "nucleus sampling mass (1: all); the same caveat as top_k", "(0, 1]")
     beta1: float = F(0.05, "RTO: scale of the DPO token reward log(pi_dpo/pi_ref) (reference dpo_reward_scale 0.05)",
                      POS)
-    dpo_clip: float = F(0.05, "RTO: clip each DPO token reward to +-this (reference: 0.05)", POS)
+    dpo_clip: float = F(0.05, "RTO: clip each DPO token reward to +-this (reference: 0.05; inf: no clip)", "(0, inf]")
     beta2: float = F(0.01, "KL coefficient: -beta2 * KL(pi || pi_ref) per token (reference init_kl_coef 0.01)", NONNEG)
     beta3: float = F(1.0, "weight of the reward model score on the last token", NONNEG)
     kl_estimator: str = F("k1", "per-token KL estimator: k1 (reference) | k3", choices=("k1", "k3"))
@@ -568,6 +569,7 @@ def run_ppo(cfg: PPOConfig, gold=None) -> Path:
         #    the sampling temperature, as the reference code does; at temperature != 1 the DPO term is then the
         #    log-ratio of the two tempered distributions, not exactly DPO's implicit reward.
         buf = sample_responses(actor, tok, [prompts[i] for i in idx], cfg, gen)
+        t_gen = time.perf_counter()
         N, P, mask = len(idx), buf["prompt_len"], buf["response_mask"]
         tokens = buf["input_ids"][:, P:]
         stop = torch.tensor(tok.stop_ids, device=tokens.device)
@@ -588,6 +590,8 @@ def run_ppo(cfg: PPOConfig, gold=None) -> Path:
         buf.update({k: torch.cat(v) for k, v in parts.items() if v})
         raw_score = buf.get("score")
         score = rm_math.normalize_score(raw_score, score_mean, score_std, cfg.reward_clip) if uses_rm else None
+
+        t_score = time.perf_counter()
 
         # 2. The dense token reward (rto.py), GAE, advantages whitened over the whole rollout (all ranks).
         rewards, comp = rto.dense_rewards(
@@ -630,6 +634,8 @@ def run_ppo(cfg: PPOConfig, gold=None) -> Path:
                 clip_and_step(critic, critic_opt, critic_sched, cfg.grad_clip, step + 1,
                               {"value_loss": stats["value_loss"][-len(group):]})
 
+        t_update = time.perf_counter()
+
         # 4. Metrics: per-sequence sums averaged over every rank's responses.
         seq = {"score": raw_score if uses_rm else torch.zeros(N, device=D.device),
                "reward": ppo_math.masked_sum(rewards, mask, -1), "kl": ppo_math.masked_sum(comp["kl"], mask, -1),
@@ -645,6 +651,8 @@ def run_ppo(cfg: PPOConfig, gold=None) -> Path:
             buf["values_old"], buf["returns"], mask)}, 1)["ev"]
         metrics["first_logp_dev"] = float(all_sum(torch.tensor(first_dev)))  # exactly 0 when on-policy
         metrics["tokens_per_s"] = float(all_sum(buf["attention_mask"].sum().float().cpu())) / (time.perf_counter() - t0)
+        # where the step's time goes: sampling, the scoring passes (policy, reference, DPO model, RM, critic), update
+        metrics.update(time_gen_s=t_gen - t0, time_score_s=t_score - t_gen, time_update_s=t_update - t_score)
         logger.log(step + 1, metrics)
         bar.update(1)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
@@ -667,7 +675,7 @@ def evaluate(policy_dir: Path, ref: Llama, tok: Tokenizer, prompt_rows, cfg: PPO
     n = len(prompt_rows)
     own = list(range(D.rank, n, D.world))
     mine = own + [own[0] if own else 0] * (math.ceil(n / D.world) - len(own))  # equal work on every rank (FSDP)
-    out = {k: torch.zeros(n, dtype=torch.float64, device=D.device) for k in ("gold", "score", "kl", "len")}
+    out = {k: torch.zeros(n, dtype=torch.float64, device=D.device) for k in ("gold", "score", "kl", "len", "eos")}
     gen = torch.Generator(device=D.device).manual_seed(seed_for(cfg.seed, 10**6, D.rank))
     prompts = [tok.encode_prompt(prompt_rows[i].prompt, cfg.max_prompt_len) for i in mine]
     buf = sample_responses(policy, tok, prompts, cfg, gen)
@@ -686,6 +694,7 @@ def evaluate(policy_dir: Path, ref: Llama, tok: Tokenizer, prompt_rows, cfg: PPO
             text = tok.decode(buf["input_ids"][r, P:][mask[r]].tolist())
             out["gold"][i] = gold(prompt_rows[i].prompt, text) if gold else 0.0
             out["score"][i], out["kl"][i], out["len"][i] = sc[j], kl[j], mask[r].sum()
+            out["eos"][i] = float(buf["input_ids"][r, P:][mask[r]][-1].item() in tok.stop_ids)
     del policy
     return {k: all_sum(v).cpu() for k, v in out.items()}
 
@@ -698,8 +707,12 @@ class PipelineConfig:
     algos: str = F("ppo,rto", f"comma-separated PPO variants to train and compare, from {','.join(rto.ALGOS)}")
     device: str = F("auto", "auto | cpu | cuda", choices=DEVICES)
     preset: str = F("tiny", "model.py preset of the policy trained from scratch")
-    length_cost: float = F(0.5, "the task's gold reward pays this per word of distance from target_words", NONNEG)
-    target_words: int = F(6, "the response length the gold reward prefers (0: a plain per-word cost)", NONNEG)
+    task: str = F("words", "the built-in task (data.TASKS): words (short responses, the demo) | credit (24-48 "
+                           "words, context-dependent per-word gold reward, noisy labels)", choices=tuple(TASKS))
+    length_cost: float | None = F(None, "override the task's gold length cost per word of distance from "
+                                        "target_words", NONNEG)
+    target_words: int | None = F(None, "override the response length the task's gold reward prefers (0: a plain "
+                                       "per-word cost)", NONNEG)
     n_sft: int = F(4096, "SFT demonstrations (neutral responses)", COUNT)
     n_pref: int = F(4096, "preference pairs labelled by Bradley-Terry on the gold reward", COUNT)
     n_prompts: int = F(2048, "PPO training prompts", COUNT)
@@ -717,7 +730,7 @@ class PipelineConfig:
     actor_lr: float = F(3e-4, "PPO actor learning rate", POS)
     critic_lr: float = F(1e-3, "PPO critic learning rate", POS)
     beta1: float = F(0.05, "scale of the DPO token reward in rto / semi-rto / dpo-only (reference: 0.05)", POS)
-    dpo_clip: float = F(0.05, "clip of each DPO token reward (reference: 0.05)", POS)
+    dpo_clip: float = F(0.05, "clip of each DPO token reward (reference: 0.05; inf: no clip)", "(0, inf]")
     beta2: float = F(0.01, "KL coefficient of every PPO variant (reference: 0.01)", NONNEG)
     progress: bool = F(True, "show tqdm bars")
     overwrite: bool = F(False, "rerun into an --out that holds finished stages, replacing them")
@@ -747,6 +760,26 @@ def stage_configs(pc: PipelineConfig, data: dict, tok_dir: Path):
     return sft, dpo_cfg, rm_cfg, ppo_cfgs
 
 
+def make_task(pc: PipelineConfig) -> WordTask:
+    overrides = {k: v for k, v in (("length_cost", pc.length_cost), ("target_words", pc.target_words)) if v is not None}
+    task = WordTask(seed=pc.seed, **{**TASKS[pc.task], **overrides})
+    if pc.max_len < task.max_words + 1:
+        raise UserError(f"--max_len {pc.max_len}: the {pc.task} task's responses have up to {task.max_words} words "
+                        f"(+ EOS): give --max_len {task.max_words + 1} or more")
+    return task
+
+
+def task_data(pc: PipelineConfig):
+    """The task, its data files under <out>/data and a tokenizer trained on it under <out>/tokenizer (rank 0)."""
+    out, task = Path(pc.out), make_task(pc)
+    data = {k: out / "data" / f"{k}.jsonl" for k in ("sft", "prefs", "prompts", "eval_prefs", "eval_prompts")}
+    if D.main:
+        task.write_data(out / "data", pc.n_sft, pc.n_pref, pc.n_prompts, pc.n_eval, rng_seed=pc.seed)
+        train_tokenizer(task.corpus(), vocab_size=pc.vocab_size).save(out / "tokenizer")
+    barrier()
+    return task, data
+
+
 def run_all(pc: PipelineConfig):
     out = Path(pc.out)
     check_range(pc)
@@ -754,12 +787,7 @@ def run_all(pc: PipelineConfig):
     for algo in pc.algos.split(","):
         if algo not in rto.ALGOS:
             raise UserError(f"--algos: unknown {algo!r}; choose from {', '.join(rto.ALGOS)}")
-    task = WordTask(seed=pc.seed, length_cost=pc.length_cost, target_words=pc.target_words)
-    data = {k: out / "data" / f"{k}.jsonl" for k in ("sft", "prefs", "prompts", "eval_prefs", "eval_prompts")}
-    if D.main:
-        task.write_data(out / "data", pc.n_sft, pc.n_pref, pc.n_prompts, pc.n_eval, rng_seed=pc.seed)
-        train_tokenizer(task.corpus(), vocab_size=pc.vocab_size).save(out / "tokenizer")
-    barrier()
+    task, data = task_data(pc)
     sft_cfg, dpo_cfg, rm_cfg, ppo_cfgs = stage_configs(pc, data, out / "tokenizer")
     t0 = time.perf_counter()
     policies = {"sft": run_sft(sft_cfg), "dpo": run_dpo(dpo_cfg)}
@@ -838,10 +866,120 @@ def run_sample(cfg: SampleConfig):
 
 
 # ==========================================================================================================
+# The token reward made visible: `train.py explain` colours a response by RTO's per-token DPO reward
+
+
+@dataclass
+class ExplainConfig:
+    """Show RTO's dense reward beta1 * log(pi_dpo / pi_ref) on every token of a response (and the gold per-token
+    reward beside it on a built-in task)."""
+    dpo: str = F("", "the DPO checkpoint (pi_dpo)")
+    ref: str = F("", "the reference the DPO run started from (pi_ref, the SFT checkpoint)")
+    prompt: list = F([], "prompt text (repeat --prompt for several)")
+    response: list = F([], "response text, one per --prompt (default: the DPO model's greedy answer)")
+    beta1: float = F(0.05, "scale of the DPO token reward (PPO's --beta1)", POS)
+    dpo_clip: float = F(0.05, "clip of each token reward (PPO's --dpo_clip; inf: none)", "(0, inf]")
+    task: str = F("", "a built-in task name (words | credit): show its gold per-token reward beside",
+                  choices=("", *TASKS))
+    task_seed: int = F(0, "the --seed the task's data was made with (its gold table)")
+    max_new_tokens: int = F(64, "tokens to generate when no --response is given", COUNT)
+    html: str = F("explain.html", "write the same view as a standalone HTML file here ('' for none)")
+    device: str = F("auto", "auto | cpu | cuda", choices=DEVICES)
+
+
+@torch.no_grad()
+def token_rewards(dpo_model, ref, tok: Tokenizer, prompts: list, responses: list) -> list[list[float]]:
+    """log(pi_dpo / pi_ref)(y_h) for every response token (no beta1, no clip), one list per (prompt, response)."""
+    b = to_device(collate(prompts, responses, tok.pad_id))
+    diff = response_logprobs(dpo_model, b) - response_logprobs(ref, b)
+    return [diff[i, :len(r)].tolist() for i, r in enumerate(responses)]
+
+
+def gold_per_token(task: WordTask, prompt_msgs, tok: Tokenizer, response_ids: list[int]) -> list[float | None] | None:
+    """The task's true reward term of each response token (each task word is one token; the EOS earns 0), or None
+    when the tokens do not line up one to one with the words."""
+    body = [i for i in response_ids if i not in tok.stop_ids]
+    text = tok.decode(body)
+    words = task.word_rewards(prompt_msgs, text)
+    if len(words) != len(body):
+        return None
+    return words + [0.0] * (len(response_ids) - len(body))
+
+
+def ansi(text: str, r: float, scale: float) -> str:
+    """text on a background from red (negative) through none to green (positive), by |r| / scale."""
+    level = min(5, round(5 * abs(r) / scale)) if scale > 0 else 0
+    if level == 0:
+        return text
+    code = 16 + (36 * level if r < 0 else 6 * level)  # the 6x6x6 colour cube: pure red or pure green
+    return f"\x1b[48;5;{code}m{text}\x1b[0m"
+
+
+def run_explain(cfg: ExplainConfig):
+    import html as html_mod
+
+    check_range(cfg)
+    if not (cfg.dpo and cfg.ref and cfg.prompt):
+        raise UserError("give --dpo DIR --ref DIR and at least one --prompt TEXT")
+    if cfg.response and len(cfg.response) != len(cfg.prompt):
+        raise UserError(f"{len(cfg.response)} --response for {len(cfg.prompt)} --prompt: give one per prompt, or none")
+    check_slot(cfg.dpo, "dpo", "lm")
+    check_slot(cfg.ref, "ref", "lm", policy=cfg.dpo)
+    tok = open_tokenizer(cfg.dpo)
+    dpo_model = Llama.from_pretrained(cfg.dpo, device=D.device).eval()
+    ref = Llama.from_pretrained(cfg.ref, device=D.device).eval()
+    task = WordTask(seed=cfg.task_seed, **TASKS[cfg.task]) if cfg.task else None
+    msgs = [[{"role": "user", "content": p}] for p in cfg.prompt]
+    prompts = [tok.encode_prompt(m, dpo_model.args.max_seq_len // 2) for m in msgs]
+    if cfg.response:
+        responses = [tok.encode_response(m, r, dpo_model.args.max_seq_len // 2) for m, r in zip(msgs, cfg.response)]
+    else:  # the DPO model's own greedy answer
+        ids, mask = pad_left(prompts, tok.pad_id)
+        toks, tmask = generate(dpo_model, ids.to(D.device), mask.to(D.device), cfg.max_new_tokens,
+                               stop_ids=tok.stop_ids, pad_id=tok.pad_id, temperature=0)
+        responses = [toks[i][tmask[i]].tolist() for i in range(len(prompts))]
+    logratios = token_rewards(dpo_model, ref, tok, prompts, responses)
+    tty = sys.stdout.isatty()
+    page = ["<!doctype html><meta charset='utf-8'><title>RTO token rewards</title><body style='font-family:monospace'>",
+            f"<p>RTO token reward r = clip({cfg.beta1} * log(pi_dpo / pi_ref), +-{cfg.dpo_clip}); dpo {html_mod.escape(cfg.dpo)}, "
+            f"ref {html_mod.escape(cfg.ref)}</p>"]
+    for p_text, m, r_ids, lr in zip(cfg.prompt, msgs, responses, logratios):
+        rewards = [max(-cfg.dpo_clip, min(cfg.dpo_clip, cfg.beta1 * x)) for x in lr]
+        gold = gold_per_token(task, m, tok, r_ids) if task else None
+        pieces = [tok.decode([i], skip_special=False) for i in r_ids]
+        scale = max((abs(x) for x in rewards), default=0.0)
+        print(f"--- {p_text!r}: {len(r_ids)} tokens, summed token reward {sum(rewards):+.4f}"
+              + (f", gold {sum(g for g in gold):+.3f}" if gold else ""))
+        if tty:
+            print("".join(ansi(s, x, scale) for s, x in zip(pieces, rewards)))
+        head = "token\treward\tlog_ratio" + ("\tgold" if gold else "")
+        print(head)
+        for k, (s, x, raw) in enumerate(zip(pieces, rewards, lr)):
+            print(f"{s!r}\t{x:+.5f}\t{raw:+.5f}" + (f"\t{gold[k]:+.4f}" if gold else ""))
+        spans = []
+        for k, (s, x) in enumerate(zip(pieces, rewards)):
+            a = 0.0 if scale == 0 else abs(x) / scale
+            color = f"rgba({'200,0,0' if x < 0 else '0,160,0'},{a:.2f})"
+            tip = f"reward {x:+.5f}, log-ratio {lr[k]:+.5f}" + (f", gold {gold[k]:+.4f}" if gold else "")
+            spans.append(f"<span style='background:{color}' title='{tip}'>{html_mod.escape(s)}</span>")
+        page.append(f"<h3>{html_mod.escape(p_text)}</h3><p>{''.join(spans)}</p>")
+        rows = "".join(f"<tr><td>{html_mod.escape(repr(s))}</td><td>{x:+.5f}</td><td>{raw:+.5f}</td>"
+                       + (f"<td>{gold[k]:+.4f}</td>" if gold else "") + "</tr>"
+                       for k, (s, x, raw) in enumerate(zip(pieces, rewards, lr)))
+        page.append("<table><tr><th>token</th><th>reward</th><th>log-ratio</th>" + ("<th>gold</th>" if gold else "")
+                    + f"</tr>{rows}</table>")
+    if cfg.html:
+        Path(cfg.html).write_text("\n".join(page) + "\n</body>\n", encoding="utf-8")
+        print(f"wrote {cfg.html}")
+    return {"responses": responses, "log_ratios": logratios}
+
+
+# ==========================================================================================================
 # Command line: `train.py STAGE --field value ...`, fields straight from the dataclasses above.
 
 STAGES = {"all": (PipelineConfig, run_all), "sft": (SFTConfig, run_sft), "dpo": (DPOConfig, run_dpo),
-          "rm": (RMConfig, run_rm), "ppo": (PPOConfig, run_ppo), "sample": (SampleConfig, run_sample)}
+          "rm": (RMConfig, run_rm), "ppo": (PPOConfig, run_ppo), "sample": (SampleConfig, run_sample),
+          "explain": (ExplainConfig, run_explain)}
 
 
 def parse_args(argv: list[str]):
@@ -859,7 +997,8 @@ def parse_args(argv: list[str]):
             elif f.type in ("list", list):
                 p.add_argument(f"--{f.name}", action="append", default=None, help=f_help)
             else:
-                typ = {"int": int, "float": float, "str": str}.get(f.type, type(default))
+                typ = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float}.get(
+                    f.type, type(default))
                 p.add_argument(f"--{f.name}", type=typ, default=default, help=f_help)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["all", *argv]  # `python train.py --seed 1` is the pipeline with a flag

@@ -1,0 +1,274 @@
+"""The sample-efficiency experiment: does RTO's dense token reward let PPO learn more from each sample?
+
+    python sweep.py --quick                 # a reduced grid, under 5 minutes on 2 CPU cores
+    python sweep.py                         # the full grid (5 seeds), about an hour on 2 CPU cores
+    python sweep.py --out runs/sweep        # rerun: finished runs are kept, a half-finished one is redone
+
+Per seed it trains the shared SFT, DPO and reward model once (train.py's stages, on the built-in "credit" task:
+responses of 24-48 words whose gold reward is a sum of context-dependent per-word terms; data.TASKS), then runs
+PPO with every algorithm (ppo, rto, semi-rto, dpo-only) at 1/8, 1/4, 1/2 and all of the prompt budget (one epoch
+over that many prompts: fewer prompts, fewer rollouts), and RTO's beta1 / clip ablation at the full budget. Each
+policy answers the held-out prompts once; its gold reward, win rate against SFT, KL to SFT, length and EOS rate go
+into <out>/results.md with the mean and a 95% interval over seeds, beside where each PPO iteration's time goes.
+It also measures the paper's core assumption: the correlation between the DPO token reward log(pi_dpo / pi_ref)
+and the gold per-token reward on held-out SFT responses. With matplotlib installed (an optional extra) it draws
+<out>/curves.png (gold reward of the rollouts against rollouts seen, a band over seeds) and <out>/gold_vs_kl.png.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import train
+from data import Tokenizer, read_prompts
+from runtime import D, frozen, init_dist, load_model, print0, shard
+
+# two-sided 95% Student-t quantiles for n - 1 degrees of freedom (the interval over n seeds)
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+@dataclass
+class SweepConfig:
+    out: str = "runs/sweep"  # one directory per seed (seed_0/ ...), results.md, results.json, the plots
+    task: str = "credit"  # a built-in task (data.TASKS)
+    seeds: int = 5  # seeds 0 .. seeds-1: task table, data, every stage
+    algos: str = "ppo,rto,semi-rto,dpo-only"  # PPO variants run at every budget
+    budgets: str = "0.125,0.25,0.5,1"  # fractions of the prompt budget
+    ablation: str = "0.2:0.2,0.5:0.5,0.5:inf"  # rto beta1:clip pairs at the full budget (beside the reference 0.05:0.05)
+    ppo_steps: int = 64  # PPO rollouts at the full budget: n_prompts = ppo_steps * batch_size (one epoch)
+    batch_size: int = 32  # prompts per rollout (and SFT/DPO/RM examples per step)
+    n_sft: int = 2048  # SFT demonstrations
+    n_pref: int = 2048  # noisy Bradley-Terry preference pairs (DPO and the RM learn from the same ones)
+    n_eval: int = 128  # held-out prompts and pairs
+    sft_epochs: int = 3
+    pref_epochs: int = 2
+    quick: bool = False  # 2 seeds, budgets 1/4 and 1, 16 full-budget rollouts, one ablation: minutes, not an hour
+    device: str = "auto"
+
+    def __post_init__(self):
+        if self.quick:
+            self.seeds, self.budgets, self.ablation, self.ppo_steps = 2, "0.25,1", "0.5:inf", 16
+            self.n_sft, self.n_pref, self.n_eval, self.sft_epochs, self.pref_epochs = 1024, 512, 64, 2, 1
+
+
+def variants(cfg: SweepConfig) -> list[dict]:
+    """Every PPO run of one seed: name, algo, budget, beta1, clip."""
+    out = [dict(name=f"{a}_b{b}", algo=a, budget=float(b), beta1=0.05, clip=0.05)
+           for a in cfg.algos.split(",") for b in cfg.budgets.split(",")]
+    for pair in filter(None, cfg.ablation.split(",")):
+        beta1, clip = pair.split(":")
+        out.append(dict(name=f"rto_beta{beta1}_clip{clip}", algo="rto", budget=1.0, beta1=float(beta1),
+                        clip=float(clip)))
+    return out
+
+
+def finished(path: Path, marker: str) -> bool:
+    """A stage is reused only if it completed (its marker exists); a half-finished one is removed and redone."""
+    if (path / marker).exists():
+        return True
+    shutil.rmtree(path, ignore_errors=True)
+    return False
+
+
+def run_seed(cfg: SweepConfig, seed: int) -> dict:
+    d = Path(cfg.out) / f"seed_{seed}"
+    pc = train.PipelineConfig(out=str(d), seed=seed, task=cfg.task, max_len=64, n_sft=cfg.n_sft, n_pref=cfg.n_pref,
+                              n_prompts=cfg.ppo_steps * cfg.batch_size, n_eval=cfg.n_eval, sft_epochs=cfg.sft_epochs,
+                              pref_epochs=cfg.pref_epochs, ppo_steps=cfg.ppo_steps, batch_size=cfg.batch_size,
+                              progress=False, device=cfg.device, algos="rto")
+    if not (d / "tokenizer" / "tokenizer.json").exists():
+        task, data = train.task_data(pc)
+    else:
+        task = train.make_task(pc)
+        data = {k: d / "data" / f"{k}.jsonl" for k in ("sft", "prefs", "prompts", "eval_prefs", "eval_prompts")}
+    sft_cfg, dpo_cfg, rm_cfg, ppo_cfgs = train.stage_configs(pc, data, d / "tokenizer")
+    for stage_cfg, run in ((sft_cfg, train.run_sft), (dpo_cfg, train.run_dpo), (rm_cfg, train.run_rm)):
+        if not finished(Path(stage_cfg.out), "final/config.json"):
+            run(stage_cfg)
+    sft, dpo = Path(sft_cfg.out) / "final", Path(dpo_cfg.out) / "final"
+    tok = Tokenizer.from_dir(sft)
+    template = ppo_cfgs["rto"]
+    ref = frozen(shard(load_model(str(sft), "lm", tok=tok), template))
+    rm_model = frozen(shard(load_model(str(Path(rm_cfg.out) / "final"), "score", tok=tok), template))
+    rows = read_prompts(data["eval_prompts"])
+
+    def judge(policy_dir, name):
+        path = d / f"eval_{name}.json"
+        if not path.exists():
+            r = train.evaluate(policy_dir, ref, tok, rows, template, task.gold_reward, rm_model)
+            path.write_text(json.dumps({k: v.tolist() for k, v in r.items()}))
+        return {k: np.array(v) for k, v in json.loads(path.read_text()).items()}
+
+    base = {"sft": judge(sft, "sft"), "dpo": judge(dpo, "dpo")}
+    results = {}
+    all_prompts = data["prompts"].read_text().splitlines(keepends=True)
+    for v in variants(cfg):
+        run_dir = d / v["name"]
+        if not finished(run_dir, "result.json"):
+            n = max(cfg.batch_size, round(v["budget"] * len(all_prompts)) // cfg.batch_size * cfg.batch_size)
+            subset = d / "data" / f"prompts_{n}.jsonl"
+            subset.write_text("".join(all_prompts[:n]))
+            ppo_cfg = dataclasses.replace(template, out=str(run_dir), algo=v["algo"], prompts=str(subset),
+                                          max_steps=n // cfg.batch_size, beta1=v["beta1"], dpo_clip=v["clip"])
+            train.run_ppo(ppo_cfg, gold=task.gold_reward)
+            ev = judge(run_dir / "final", v["name"])
+            steps = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            diff = ev["gold"] - base["sft"]["gold"]
+            res = {**v, "rollouts": n, "gold": float(ev["gold"].mean()), "kl": float(ev["kl"].mean()),
+                   "len": float(ev["len"].mean()), "eos": float(ev["eos"].mean()),
+                   "win_vs_sft": float(((diff > 0) + 0.5 * (diff == 0)).mean()),
+                   "curve": [[s["step"] * cfg.batch_size, s["gold"]] for s in steps],
+                   **{k: float(np.mean([s[k] for s in steps])) for k in ("time_gen_s", "time_score_s", "time_update_s")}}
+            (run_dir / "result.json").write_text(json.dumps(res))
+        results[v["name"]] = json.loads((run_dir / "result.json").read_text())
+    for name in ("sft", "dpo"):
+        diff = base[name]["gold"] - base["sft"]["gold"]
+        results[name] = {"name": name, "gold": float(base[name]["gold"].mean()), "kl": float(base[name]["kl"].mean()),
+                         "len": float(base[name]["len"].mean()), "eos": float(base[name]["eos"].mean()),
+                         "win_vs_sft": float(((diff > 0) + 0.5 * (diff == 0)).mean())}
+    results["correlation"] = correlation(d, task, tok, sft, dpo, ref, rows, template)
+    results["rm_accuracy"] = json.loads((Path(rm_cfg.out) / "eval.json").read_text())["eval_accuracy"]
+    return results
+
+
+def correlation(d: Path, task, tok, sft: Path, dpo: Path, ref, rows, cfg) -> float:
+    """Pearson correlation, over every token of one SFT sample per held-out prompt, between the DPO token reward
+    log(pi_dpo / pi_ref)(y_h) and the gold reward of that token: the assumption RTO rests on, measured."""
+    path = d / "correlation.json"
+    if not path.exists():
+        policy = frozen(load_model(str(sft), "lm", tok=tok))
+        dpo_model = frozen(load_model(str(dpo), "lm", tok=tok))
+        prompts = [tok.encode_prompt(r.prompt, cfg.max_prompt_len) for r in rows]
+        gen = torch.Generator().manual_seed(train.seed_for(cfg.seed, 2 * 10**6))
+        buf = train.sample_responses(policy, tok, prompts, cfg, gen)
+        P, mask = buf["prompt_len"], buf["response_mask"]
+        responses = [buf["input_ids"][i, P:][mask[i]].tolist() for i in range(len(rows))]
+        xs, ys = [], []
+        for lo in range(0, len(rows), cfg.micro_batch_size):
+            hi = lo + cfg.micro_batch_size
+            lrs = train.token_rewards(dpo_model, ref, tok, prompts[lo:hi], responses[lo:hi])
+            for r, ids, lr in zip(rows[lo:hi], responses[lo:hi], lrs):
+                gold = train.gold_per_token(task, r.prompt, tok, ids)
+                if gold is not None:
+                    body = [k for k, i in enumerate(ids) if i not in tok.stop_ids]
+                    xs += [lr[k] for k in body]
+                    ys += [gold[k] for k in body]
+        path.write_text(json.dumps({"pearson": float(np.corrcoef(xs, ys)[0, 1]), "tokens": len(xs)}))
+    return json.loads(path.read_text())["pearson"]
+
+
+def interval(xs) -> tuple[float, float]:
+    """Mean and the half-width of its 95% interval over seeds (Student t)."""
+    xs = np.asarray(xs, dtype=float)
+    if len(xs) < 2:
+        return float(xs.mean()), float("nan")
+    return float(xs.mean()), T95.get(len(xs) - 1, 1.96) * float(xs.std(ddof=1)) / math.sqrt(len(xs))
+
+
+def table(cfg: SweepConfig, per_seed: list[dict]) -> str:
+    names = ["sft", "dpo"] + [v["name"] for v in variants(cfg)]
+    lines = [f"Task `{cfg.task}`, {len(per_seed)} seeds, {cfg.ppo_steps} rollouts of {cfg.batch_size} prompts at the "
+             f"full budget; mean and 95% interval over seeds.", "",
+             "| policy | prompt budget | gold reward | win rate vs SFT | KL to SFT | length | EOS rate | "
+             "s/iteration: generate / score / update |", "|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        rs = [s[name] for s in per_seed]
+        g, gi = interval([r["gold"] for r in rs])
+        w, wi = interval([r["win_vs_sft"] for r in rs])
+        k, _ = interval([r["kl"] for r in rs])
+        budget = f"{rs[0]['budget']:g} ({rs[0]['rollouts']} prompts)" if "budget" in rs[0] else "-"
+        times = (" / ".join(f"{np.mean([r[t] for r in rs]):.2f}" for t in ("time_gen_s", "time_score_s", "time_update_s"))
+                 if "time_gen_s" in rs[0] else "-")
+        lines.append(f"| {name} | {budget} | {g:.2f} ± {gi:.2f} | {w:.2f} ± {wi:.2f} | {k:.2f} | "
+                     f"{np.mean([r['len'] for r in rs]):.1f} | {np.mean([r['eos'] for r in rs]):.2f} | {times} |")
+    c, ci = interval([s["correlation"] for s in per_seed])
+    a, _ = interval([s["rm_accuracy"] for s in per_seed])
+    lines += ["", f"Correlation of the DPO token reward log(pi_dpo/pi_ref) with the gold per-token reward on held-out "
+                  f"SFT samples: {c:.3f} ± {ci:.3f}. Reward-model held-out accuracy: {a:.3f}."]
+    return "\n".join(lines) + "\n"
+
+
+def plots(cfg: SweepConfig, per_seed: list[dict]) -> list[str]:
+    try:
+        import matplotlib
+    except ImportError:
+        print0("matplotlib is not installed (pip install matplotlib): the table is written, the plots are not")
+        return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(cfg.out)
+    budgets = [float(b) for b in cfg.budgets.split(",")]
+    algos = cfg.algos.split(",")
+    fig, axes = plt.subplots(1, len(budgets), figsize=(4.2 * len(budgets), 3.6), sharey=True, squeeze=False)
+    for ax, b in zip(axes[0], budgets):
+        for algo in algos:
+            name = f"{algo}_b{cfg.budgets.split(',')[budgets.index(b)]}"
+            curves = np.array([[g for _, g in s[name]["curve"]] for s in per_seed])  # (seeds, steps)
+            x = np.array([r for r, _ in per_seed[0][name]["curve"]])
+            k = max(1, len(x) // 8)  # a moving average over k rollouts: one rollout's gold is noisy
+            smooth = np.array([np.convolve(c, np.ones(k) / k, mode="valid") for c in curves])
+            m, s = smooth.mean(0), smooth.std(0, ddof=1) / math.sqrt(len(per_seed)) * T95.get(len(per_seed) - 1, 1.96)
+            xs = x[k - 1:]
+            ax.plot(xs, m, label=algo)
+            ax.fill_between(xs, m - s, m + s, alpha=0.2)
+        ax.axhline(np.mean([s["sft"]["gold"] for s in per_seed]), color="gray", ls=":", label="sft")
+        ax.set_title(f"budget {b:g}")
+        ax.set_xlabel("prompts seen (rollouts x batch)")
+    axes[0][0].set_ylabel("gold reward of the rollouts")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    markers = dict(zip(budgets, "v^so"))
+    for i, algo in enumerate(algos):
+        for b in budgets:
+            name = f"{algo}_b{cfg.budgets.split(',')[budgets.index(b)]}"
+            ax.scatter([s[name]["kl"] for s in per_seed], [s[name]["gold"] for s in per_seed], color=f"C{i}",
+                       marker=markers.get(b, "o"), label=f"{algo} {b:g}", s=18)
+    for j, v in enumerate(x for x in variants(cfg) if x["name"].startswith("rto_beta")):
+        ax.scatter([s[v["name"]]["kl"] for s in per_seed], [s[v["name"]]["gold"] for s in per_seed], color="k",
+                   marker="x+*12"[j % 5], label=v["name"], s=24)
+    ax.set_xlabel("KL to SFT (held-out)")
+    ax.set_ylabel("gold reward (held-out)")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "gold_vs_kl.png", dpi=110)
+    return [str(out / "curves.png"), str(out / "gold_vs_kl.png")]
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(SweepConfig):
+        if f.type in ("bool", bool):
+            ap.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            ap.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+    cfg = SweepConfig(**vars(ap.parse_args(argv)))
+    init_dist(cfg.device)
+    if D.world > 1:
+        raise SystemExit("sweep.py runs its many small runs one process at a time: start it with python, not torchrun")
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    print0("== SweepConfig\n" + json.dumps(dataclasses.asdict(cfg), indent=2))
+    t0 = time.perf_counter()
+    per_seed = [run_seed(cfg, s) for s in range(cfg.seeds)]
+    text = table(cfg, per_seed) + f"\nwall time of this invocation: {time.perf_counter() - t0:.0f} s\n"
+    (Path(cfg.out) / "results.md").write_text(text)
+    (Path(cfg.out) / "results.json").write_text(json.dumps(per_seed, indent=1))
+    pictures = plots(cfg, per_seed)
+    print0("\n" + text + "".join(f"wrote {p}\n" for p in pictures))
+    return {"per_seed": per_seed, "plots": pictures}
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
