@@ -451,62 +451,109 @@ class Llama(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype: torch.dtype | None = None, head: str | None = None) -> "Llama":
-        """Strict load of an HF Llama directory. head="score" on a causal-LM checkpoint keeps the backbone and
-        starts a new scalar head (a reward model or critic initialised from the SFT model)."""
-        path = Path(path)
-        cfg_path = path / "config.json"
-        if not cfg_path.is_file():
-            raise FileNotFoundError(f"{cfg_path}: not found (expected a Hugging Face checkpoint directory)")
-        try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"{cfg_path}: not valid JSON: {e}") from None
-        if not isinstance(cfg, dict):
-            raise ValueError(f"{cfg_path}: expected a JSON object")
-        args = ModelArgs.from_hf_config(cfg, str(cfg_path))
-        tensors = load_safetensors_dir(path)
-        for name, t in tensors.items():  # a damaged checkpoint trains "fine" on NaN weights: refuse it here
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{path}: tensor '{name}' holds NaN or infinite values; refusing a damaged checkpoint")
-        if head is not None and head != args.head:
-            if head != "score":
-                raise ValueError(f"{path}: a reward-model checkpoint cannot be loaded as a language model")
-            tensors.pop("lm_head.weight", None)
-            g = torch.Generator().manual_seed(0)  # the new head: small, so the first scores are near 0
-            tensors["score.weight"] = torch.randn(1, args.dim, generator=g) / math.sqrt(args.dim + 1)
-            tensors["score.weight"] = tensors["score.weight"].to(tensors["model.norm.weight"].dtype)
-            args = ModelArgs(**{**asdict(args), "head": "score", "tie_embeddings": False})
+        """Strict load of an HF Llama directory, one tensor at a time. head="score" on a causal-LM checkpoint keeps
+        the backbone and starts a new scalar head (a reward model or critic initialised from the SFT model)."""
+        args, sources = plan_load(path, head)
         with torch.device("meta"):
             model = cls(args)
-        expected = {hf_name(n): p for n, p in model.state_dict().items()
-                    if not (n == "output.weight" and args.tie_embeddings)}
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
-        if missing or unexpected:
-            raise KeyError(f"{path}: checkpoint does not match config.json: missing tensors {missing[:8]}"
-                           f"{' ...' if len(missing) > 8 else ''}, unexpected tensors {unexpected[:8]}"
-                           f"{' ...' if len(unexpected) > 8 else ''}")
-        for name, p in expected.items():
-            if tuple(tensors[name].shape) != tuple(p.shape):
-                raise ValueError(f"{path}: tensor '{name}' has shape {tuple(tensors[name].shape)}, "
-                                 f"config.json implies {tuple(p.shape)}")
-        # tied: the output weight is the embedding tensor itself, so the load below can be strict
-        ours = {n: tensors[hf_name("tok_embeddings.weight" if n == "output.weight" and args.tie_embeddings else n)]
-                for n in model.state_dict()}
+        ours = {n: read_source(sources[n]) for n, _ in model.named_parameters()}
         ours = {n: t.to(device=device, dtype=dtype or t.dtype) for n, t in ours.items()}
+        if args.tie_embeddings:  # the output weight is the embedding tensor itself
+            ours["output.weight"] = ours["tok_embeddings.weight"]
         model.load_state_dict(ours, strict=True, assign=True)
         if args.tie_embeddings:  # assign=True replaced the Parameter objects: tie them again
             model.output.weight = model.tok_embeddings.weight
         return model
 
 
-def load_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of model.safetensors, or of the shards named by model.safetensors.index.json."""
-    from safetensors.torch import load_file as _load
+@dataclass
+class Source:
+    """Where one of our parameters comes from: tensor `key` of safetensors `file`, or (key None) the new score
+    head of a reward model started from a causal LM, drawn from a fixed seed in `dtype`."""
+    file: Path | None
+    key: str | None
+    shape: tuple
+    dtype: str  # the checkpoint's dtype name, e.g. "BF16"
 
-    def load_file(f):  # a truncated or foreign file names itself instead of a bare SafetensorError
+
+def read_config(path) -> ModelArgs:
+    path = Path(path)
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path}: not found (expected a Hugging Face checkpoint directory)")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path}: not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object")
+    return ModelArgs.from_hf_config(cfg, str(cfg_path))
+
+
+def plan_load(path, head: str | None = None) -> tuple[ModelArgs, dict[str, Source]]:
+    """The model's args and, for each of our parameters (tied output excluded), where its values are: checked
+    strictly against config.json (missing, unexpected, mis-shaped tensors) from the safetensors headers alone,
+    before any tensor data is read."""
+    path = Path(path)
+    args = read_config(path)
+    headers = safetensors_headers(path)
+    new_score = head is not None and head != args.head
+    if new_score:
+        if head != "score":
+            raise ValueError(f"{path}: a reward-model checkpoint cannot be loaded as a language model")
+        headers.pop("lm_head.weight", None)
+        args = ModelArgs(**{**asdict(args), "head": "score", "tie_embeddings": False})
+    with torch.device("meta"):
+        model = Llama(args)
+    expected = {hf_name(n): (n, tuple(p.shape)) for n, p in model.named_parameters()}
+    if new_score:
+        headers["score.weight"] = (None, (1, args.dim), headers["model.norm.weight"][2])
+    missing = sorted(set(expected) - set(headers))
+    unexpected = sorted(set(headers) - set(expected))
+    if missing or unexpected:
+        raise KeyError(f"{path}: checkpoint does not match config.json: missing tensors {missing[:8]}"
+                       f"{' ...' if len(missing) > 8 else ''}, unexpected tensors {unexpected[:8]}"
+                       f"{' ...' if len(unexpected) > 8 else ''}")
+    sources = {}
+    for key, (ours, shape) in expected.items():
+        file, got, dt = headers[key]
+        if tuple(got) != shape:
+            raise ValueError(f"{path}: tensor '{key}' has shape {tuple(got)}, config.json implies {shape}")
+        sources[ours] = Source(file, key if file is not None else None, shape, dt)
+    return args, sources
+
+
+DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def read_source(src: Source, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Rows [start, end) of a parameter (all of it with rows None), read straight from its file: safetensors slices
+    read only those bytes, so a rank that owns one shard never holds the whole tensor. Non-finite values are an
+    error that names the tensor."""
+    start, end = rows or (0, src.shape[0])
+    if src.key is None:  # the new score head: small, so the first scores are near 0; the same on every rank
+        g = torch.Generator().manual_seed(0)
+        full = (torch.randn(*src.shape, generator=g) / math.sqrt(src.shape[1] + 1)).to(DTYPES.get(src.dtype))
+        return full[start:end]
+    from safetensors import safe_open
+
+    with safe_open(str(src.file), framework="pt") as f:
+        t = f.get_slice(src.key)[start:end]
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{src.file.parent}: tensor '{src.key}' holds NaN or infinite values; refusing a damaged "
+                         f"checkpoint")
+    return t
+
+
+def safetensors_headers(path: Path) -> dict[str, tuple[Path, tuple, str]]:
+    """hf key -> (file, shape, dtype) for model.safetensors, or the shards named by model.safetensors.index.json;
+    only the headers are read. A truncated or foreign file names itself instead of a bare SafetensorError."""
+    from safetensors import safe_open
+
+    def header(f):
         try:
-            return _load(f)
+            with safe_open(str(f), framework="pt") as h:
+                return {k: (f, tuple(h.get_slice(k).get_shape()), h.get_slice(k).get_dtype()) for k in h.keys()}
         except Exception as e:
             raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
 
@@ -516,21 +563,26 @@ def load_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{index}: not a valid index ({e.__class__.__name__}: {e})") from None
-        tensors = {}
+        out = {}
         for shard in sorted(set(weight_map.values())):
-            part = load_file(path / shard)
+            part = header(path / shard)
             stray = sorted(set(part) - {k for k, v in weight_map.items() if v == shard})
             if stray:
                 raise KeyError(f"{path / shard}: tensors {stray[:8]} are not listed for this shard in {index}")
-            tensors.update(part)
-        missing = sorted(set(weight_map) - set(tensors))
+            out.update(part)
+        missing = sorted(set(weight_map) - set(out))
         if missing:
             raise KeyError(f"{index}: lists tensors {missing[:8]} that no shard contains")
-        return tensors
+        return out
     single = path / "model.safetensors"
     if not single.is_file():
         raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
-    return load_file(single)
+    return header(single)
+
+
+def load_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory, whole (bench.py and the tests; training reads per shard)."""
+    return {k: read_source(Source(f, k, shape, dt)) for k, (f, shape, dt) in safetensors_headers(Path(path)).items()}
 
 
 def save_hf_checkpoint(sd: dict, config: dict, path, max_shard_bytes: int, extra_files: dict | None = None):
@@ -657,8 +709,8 @@ def resize_vocab(model: Llama, vocab_size: int) -> Llama:
     if vocab_size == old:
         return model
 
-    def grow(w):
-        return torch.cat([w, w.mean(0, keepdim=True).expand(vocab_size - old, -1)]).contiguous()
+    def grow(w):  # the mean in float64: the sharded loader (runtime.open_model) sums the same rows in blocks
+        return torch.cat([w, w.double().mean(0, keepdim=True).to(w.dtype).expand(vocab_size - old, -1)]).contiguous()
 
     model.args.vocab_size = vocab_size
     model.tok_embeddings.weight = nn.Parameter(grow(model.tok_embeddings.weight.data))

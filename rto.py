@@ -23,6 +23,8 @@ from reward import last_token_index
 # dpo-only: the DPO token reward as the whole reward, no r_MLE (paper's ablation: DPO works better
 #           as shaping on top of r_MLE than as the reward itself).
 ALGOS = ("ppo", "rto", "semi-rto", "dpo-only")
+USES_DPO = ("rto", "semi-rto", "dpo-only")  # the algorithms that need the DPO model's log-probs
+USES_RM = ("ppo", "rto", "semi-rto")  # the algorithms that need the reward model's score
 
 
 def dpo_token_reward(logp_dpo, logp_ref, mask, beta1: float, clip: float):
@@ -91,8 +93,8 @@ def dense_rewards(algo: str, *, logp, logp_ref, mask, rm_score=None, logp_dpo=No
     """
     if algo not in ALGOS:
         raise ValueError(f"unknown algo {algo!r}: choose one of {ALGOS}")
-    needs = {"logp_dpo": algo in ("rto", "semi-rto", "dpo-only"),
-             "rm_score": algo in ("ppo", "rto", "semi-rto"),
+    needs = {"logp_dpo": algo in USES_DPO,
+             "rm_score": algo in USES_RM,
              "delimiter_mask": algo == "semi-rto",
              "ended": no_eos_penalty != 0.0}
     given = {"logp_dpo": logp_dpo, "rm_score": rm_score, "delimiter_mask": delimiter_mask, "ended": ended}

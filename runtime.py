@@ -110,24 +110,29 @@ def reduce_metrics(sums: dict[str, float], count: float) -> dict[str, float]:
     return {k: (t[i] / t[-1]).item() for i, k in enumerate(keys)}
 
 
-def shard(model: Llama, cfg) -> Llama:
+def shard(model: Llama, cfg, frozen: bool = False) -> Llama:
     """FSDP2: each block is its own all-gather unit, then the root (embeddings, final norm, head).
 
     Used whenever there are several processes, or bf16 is asked for (the mixed-precision policy keeps fp32
     master weights and reduces gradients in fp32). Frozen models (reference, DPO model and reward model during
-    PPO) are sharded the same way: at the paper's scale three unsharded 8B copies per GPU would not fit.
+    PPO) are sharded the same way: at the paper's scale three unsharded 8B copies per GPU would not fit; with
+    --offload_frozen their shards live in host memory between forwards. A model on the meta device stays there
+    (open_model materialises it); any other moves to this rank's device first.
     """
-    model.to(D.device)
+    if not any(p.is_meta for p in model.parameters()):
+        model.to(D.device)
     model.grad_checkpointing = cfg.activation_checkpointing
     if D.world == 1 and not cfg.bf16:
         return model
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     if not dist.is_initialized():  # one process asking for bf16: FSDP needs a (single-rank) process group
         dist.init_process_group("nccl" if D.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                                 world_size=1)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cfg.bf16 else None
     kw = {"mp_policy": mp} if mp is not None else {}
+    if frozen and getattr(cfg, "offload_frozen", False):
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=D.device.type == "cuda")
     for block in model.layers:
         fully_shard(block, **kw)
     # The root (embeddings, final norm, head) reshards after forward too: otherwise a no_grad forward (a rollout,
@@ -357,31 +362,95 @@ def config_json(cfg) -> str:
 # Loading models and tokenizers
 
 
-def load_model(path: str, head: str = "lm", cfg=None, tok: Tokenizer | None = None) -> Llama:
-    """An HF checkpoint as a policy (head="lm") or a reward model / critic (head="score"; a causal-LM checkpoint
-    gets a fresh scalar head). Without a path: a new model from cfg.preset sized to the tokenizer."""
-    if path:
-        # fp32 weights whatever the checkpoint stores (HF Llama-3 ships bf16): these are the master weights that
-        # AdamW updates (in bf16, 0.02 - 5e-7 == 0.02); --bf16 makes FSDP compute in bf16, not store in it
-        model = Llama.from_pretrained(path, head=head, dtype=torch.float32)
-    else:
+def open_model(path: str, head: str, cfg, tok: Tokenizer | None = None, frozen: bool = False) -> Llama:
+    """A checkpoint as a policy (head="lm") or a reward model / critic (head="score"; a causal LM gets a fresh
+    scalar head), sharded and ready on this rank's device. Without a path: a new model from cfg.preset sized to
+    the tokenizer.
+
+    Built on the meta device, sharded (FSDP2 when several processes or --bf16), then each rank fills only its own
+    shard of each parameter straight from the safetensors files (model.read_source reads just those rows), so no
+    rank ever holds a whole model on its host or its GPU, and the values are bitwise those of a full load.
+    Trained models are stored in fp32 whatever the checkpoint holds (HF Llama-3 ships bf16): they are the master
+    weights AdamW updates (in bf16, 0.02 - 5e-7 == 0.02). Frozen ones (reference, DPO model, reward model) are
+    stored in bf16 under --bf16: nothing updates them, and their log-probs are still taken in fp32.
+    """
+    from model import plan_load, read_source
+
+    if not path:  # a new model: small by construction, initialised on the host from the seed
         torch.manual_seed(cfg.seed)
         model = Llama(ModelArgs.preset(cfg.preset, vocab_size=tok.vocab_size, head=head))
-    if tok is not None:
-        if tok.added_tokens:  # a new pad token: it needs an embedding row (a spare one, or one more)
-            if tok.vocab_size > model.args.vocab_size:
-                print0(f"{path}: embedding grown from {model.args.vocab_size} to {tok.vocab_size} rows for "
-                       f"{tok.added_tokens}")
-                model = resize_vocab(model, tok.vocab_size)
-            model.args.added_tokens = [*model.args.added_tokens, *tok.added_tokens]
-        specials = {"bos": tok.bos_id, "pad": tok.pad_id, **{f"stop {i}": i for i in tok.stop_ids}}
-        too_big = {k: i for k, i in specials.items() if i is not None and i >= model.args.vocab_size}
-        if too_big:
-            raise ValueError(f"{path or 'new model'}: tokenizer ids {too_big} do not fit the model's vocab_size "
-                             f"{model.args.vocab_size}: is the tokenizer from another model?")
-        # the checkpoint describes the tokenizer it was trained with (config.json's ids, read by HF tools)
-        model.args.bos_token_id, model.args.pad_token_id = tok.bos_id, tok.pad_id
-        model.args.eos_token_id = tok.stop_ids[0] if len(tok.stop_ids) == 1 else list(tok.stop_ids)
+        describe_tokenizer(model, tok, path)
+        return finish(shard(model, cfg, frozen), frozen)
+    args, sources = plan_load(path, head)
+    with torch.device("meta"):
+        model = Llama(args)
+    old_rows = args.vocab_size
+    describe_tokenizer(model, tok, path)  # may grow the vocabulary (a new pad token) on meta: no memory yet
+    dtype = torch.bfloat16 if frozen and cfg.bf16 else torch.float32
+    model = shard(model.to(dtype), cfg, frozen)  # (on meta: only the dtype the shards will be allocated in)
+    offload = frozen and getattr(cfg, "offload_frozen", False)
+    model.to_empty(device="cpu" if offload else D.device)
+    if args.tie_embeddings and not hasattr(model.output.weight, "to_local"):
+        model.output.weight = model.tok_embeddings.weight  # to_empty keeps the tie; say it, for the unsharded case
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p.data
+            start, end = shard_rows(p)
+            src = sources[name]
+            have = min(end, old_rows) if name in ("tok_embeddings.weight", "output.weight") else end
+            if start < have:
+                local[:have - start].copy_(read_source(src, (start, have)).to(dtype))
+            if end > have:  # rows for tokens added here: the mean of the checkpoint's rows (model.resize_vocab)
+                local[max(0, have - start):].copy_(mean_row(src, old_rows).to(dtype).expand(end - max(have, start), -1))
+    return finish(model, frozen)
+
+
+def shard_rows(p) -> tuple[int, int]:
+    """The rows [start, end) of parameter p this rank holds: FSDP2 shards dim 0 like torch.chunk (equal chunks of
+    ceil(n / world) rows, the last ranks' shorter or empty); an unsharded parameter: all of them."""
+    n = p.shape[0]
+    if not hasattr(p, "to_local"):
+        return 0, n
+    mesh = p.device_mesh
+    size, rank = mesh.size(), mesh.get_local_rank()
+    chunk = -(-n // size)
+    start, end = min(rank * chunk, n), min((rank + 1) * chunk, n)
+    assert p.to_local().shape[0] == end - start, (p.to_local().shape, start, end)  # FSDP2's layout, as assumed
+    return start, end
+
+
+def mean_row(src, rows: int, block: int = 8192) -> torch.Tensor:
+    """The mean of a parameter's first `rows` rows, read in blocks (float64 sums, as model.resize_vocab)."""
+    from model import read_source
+
+    total = sum(read_source(src, (i, min(i + block, rows))).double().sum(0) for i in range(0, rows, block))
+    return (total / rows).float()[None]
+
+
+def describe_tokenizer(model: Llama, tok: Tokenizer | None, path: str):
+    """Fit the model to the tokenizer it is trained with: one more embedding row per token added here (a new
+    pad), and config.json's bos/eos/pad ids (read by HF tools) set to the tokenizer's."""
+    if tok is None:
+        return
+    if tok.added_tokens:  # a new pad token: it needs an embedding row (a spare one, or one more)
+        if tok.vocab_size > model.args.vocab_size:
+            print0(f"{path}: embedding grown from {model.args.vocab_size} to {tok.vocab_size} rows for "
+                   f"{tok.added_tokens}")
+            resize_vocab(model, tok.vocab_size)
+        model.args.added_tokens = [*model.args.added_tokens, *tok.added_tokens]
+    specials = {"bos": tok.bos_id, "pad": tok.pad_id, **{f"stop {i}": i for i in tok.stop_ids}}
+    too_big = {k: i for k, i in specials.items() if i is not None and i >= model.args.vocab_size}
+    if too_big:
+        raise UserError(f"{path or 'new model'}: tokenizer ids {too_big} do not fit the model's vocab_size "
+                        f"{model.args.vocab_size}: is the tokenizer from another model?")
+    model.args.bos_token_id, model.args.pad_token_id = tok.bos_id, tok.pad_id
+    model.args.eos_token_id = tok.stop_ids[0] if len(tok.stop_ids) == 1 else list(tok.stop_ids)
+
+
+def finish(model: Llama, frozen: bool) -> Llama:
+    if frozen:
+        model.eval()
+        model.requires_grad_(False)
     return model
 
 
@@ -422,12 +491,6 @@ def open_tokenizer(src: str) -> Tokenizer:
     print0(f"{src}: prompts in {fmt}; responses end with {tok.tk.id_to_token(tok.eos_id)!r}; stop ids "
            f"{tok.stop_ids}; pad {tok.pad_id}")
     return tok
-
-
-def frozen(model: Llama) -> Llama:
-    model.eval()
-    model.requires_grad_(False)
-    return model
 
 
 # ==========================================================================================================
@@ -620,3 +683,77 @@ def start_run(cfg) -> Path:
 def write_json(path: Path, obj):
     if D.main:
         path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The memory plan: what each GPU and each host holds, from the checkpoints' config.json alone
+
+
+GIB = 1024**3
+
+
+def param_count(args: ModelArgs) -> int:
+    with torch.device("meta"):
+        return Llama(args).num_params()
+
+
+def memory_plan(models: dict, cfg, world: int, prompt_len: int) -> dict:
+    """Bytes per GPU for a PPO run, per model and in total, estimated before any weight is read.
+
+    models: name -> (ModelArgs, trained). Trained models (actor, critic) hold sharded fp32 parameters, fp32
+    gradients and two fp32 Adam states (16 bytes a parameter / world); frozen ones (reference, DPO model, reward
+    model) hold sharded parameters only, bf16 under --bf16 (2 bytes / world), none on the GPU with
+    --offload_frozen. On top: the actor's weights gathered whole for generation (in the compute dtype), the KV
+    cache of one generation micro-batch, and the activations and fp32 logits of one training micro-batch (an
+    estimate: ~34 bytes per token and hidden unit per layer in bf16 without activation checkpointing, after
+    Korthikanti et al. 2022, with SDPA storing no attention matrix; 2 per layer plus one layer's worth with it).
+    Host memory per rank while loading is bounded by the rows of the largest tensor one rank reads at a time."""
+    compute = 2 if cfg.bf16 else 4  # bytes of a compute-dtype value
+    T, mb = prompt_len + cfg.max_response_len, cfg.micro_batch_size
+    rows = {}
+    for name, (args, trained) in models.items():
+        n = param_count(args)
+        on_gpu = not (not trained and getattr(cfg, "offload_frozen", False))
+        per = (16 if trained else (2 if cfg.bf16 else 4)) * n / world
+        rows[name] = {"params": n, "bytes": per if on_gpu else 0.0, "host_bytes": 0.0 if on_gpu else per,
+                      "kind": "trained: fp32 weights + grads + Adam" if trained else
+                              f"frozen: {'bf16' if cfg.bf16 else 'fp32'} weights" + (" (offloaded)" if not on_gpu else "")}
+    actor = models["actor"][0]
+    gathered_b = param_count(actor) * compute
+    kv = mb * T * actor.n_layers * 2 * actor.n_kv_heads * actor.head_dim * compute
+    per_layer = (2 + 34) if cfg.activation_checkpointing else 34
+    layers = 1 if cfg.activation_checkpointing else actor.n_layers
+    act = mb * T * actor.dim * (compute / 2) * (per_layer * layers + (2 * (actor.n_layers - 1)
+                                                                      if cfg.activation_checkpointing else 0))
+    logits = 2 * mb * T * actor.vocab_size * 4  # the logits and their fp32 log-softmax
+    biggest = max(a.vocab_size * a.dim for a, _ in models.values()) * 4 / world  # fp32 rows of the embedding
+    total = sum(r["bytes"] for r in rows.values()) + gathered_b + kv + act + logits
+    return {"models": rows, "gathered_actor": gathered_b, "kv_cache": kv, "activations": act, "logits": logits,
+            "total": total, "host_load_peak": biggest, "world": world}
+
+
+def plan_text(plan: dict) -> str:
+    lines = [f"memory plan per GPU ({plan['world']} GPU{'s' if plan['world'] > 1 else ''}):",
+             f"  {'model':8s} {'params':>10s} {'GiB/GPU':>8s}  what"]
+    for name, r in plan["models"].items():
+        lines.append(f"  {name:8s} {r['params'] / 1e9:9.2f}B {r['bytes'] / GIB:8.2f}  {r['kind']}")
+    for key, what in (("gathered_actor", "the actor gathered whole for generation"),
+                      ("kv_cache", "KV cache of one generation micro-batch"),
+                      ("activations", "activations of one training micro-batch (estimate)"),
+                      ("logits", "fp32 logits + log-softmax of one micro-batch")):
+        lines.append(f"  {key:19s} {plan[key] / GIB:8.2f}  {what}")
+    lines.append(f"  {'total':19s} {plan['total'] / GIB:8.2f}")
+    lines.append(f"  host memory per rank while loading: about one tensor's shard at a time, "
+                 f"{plan['host_load_peak'] / GIB:.2f} GiB at most, beyond torch itself")
+    return "\n".join(lines)
+
+
+def measured_memory() -> str:
+    """Peak resident memory of this process (and the GPU's peak allocation), to print beside the plan."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    text = f"measured peak: host RSS {rss / GIB:.2f} GiB"
+    if torch.cuda.is_available() and D.device.type == "cuda":
+        text += f", GPU allocated {torch.cuda.max_memory_allocated(D.device) / GIB:.2f} GiB"
+    return text

@@ -31,7 +31,7 @@ import torch
 
 import train
 from data import Tokenizer, read_prompts
-from runtime import D, frozen, init_dist, load_model, print0, shard
+from runtime import D, init_dist, open_model, print0
 
 # two-sided 95% Student-t quantiles for n - 1 degrees of freedom (the interval over n seeds)
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -98,8 +98,8 @@ def run_seed(cfg: SweepConfig, seed: int) -> dict:
     sft, dpo = Path(sft_cfg.out) / "final", Path(dpo_cfg.out) / "final"
     tok = Tokenizer.from_dir(sft)
     template = ppo_cfgs["rto"]
-    ref = frozen(shard(load_model(str(sft), "lm", tok=tok), template))
-    rm_model = frozen(shard(load_model(str(Path(rm_cfg.out) / "final"), "score", tok=tok), template))
+    ref = open_model(str(sft), "lm", template, tok, frozen=True)
+    rm_model = open_model(str(Path(rm_cfg.out) / "final"), "score", template, tok, frozen=True)
     rows = read_prompts(data["eval_prompts"])
 
     def judge(policy_dir, name):
@@ -146,8 +146,8 @@ def correlation(d: Path, task, tok, sft: Path, dpo: Path, ref, rows, cfg) -> flo
     log(pi_dpo / pi_ref)(y_h) and the gold reward of that token: the assumption RTO rests on, measured."""
     path = d / "correlation.json"
     if not path.exists():
-        policy = frozen(load_model(str(sft), "lm", tok=tok))
-        dpo_model = frozen(load_model(str(dpo), "lm", tok=tok))
+        policy = open_model(str(sft), "lm", cfg, tok, frozen=True)
+        dpo_model = open_model(str(dpo), "lm", cfg, tok, frozen=True)
         prompts = [tok.encode_prompt(r.prompt, cfg.max_prompt_len) for r in rows]
         gen = torch.Generator().manual_seed(train.seed_for(cfg.seed, 2 * 10**6))
         buf = train.sample_responses(policy, tok, prompts, cfg, gen)

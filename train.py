@@ -38,11 +38,11 @@ import reward as rm_math
 import rto
 from data import (TASKS, DataError, Tokenizer, WordTask, collate, pad_left, read_preferences, read_prompts, read_sft,
                   train_tokenizer)
-from model import Llama, generate
+from model import Llama, generate, read_config
 from runtime import (D, Logger, UserError, all_max, all_sum, barrier, check_finite, check_range, check_slot, close_dist,
-                     config_json, export_hf, frozen, gathered, init_dist, latest_checkpoint, load_checkpoint, load_model,
-                     open_tokenizer, print0, reduce_metrics, release_locks, save_checkpoint, shard, start_run,
-                     write_json)
+                     config_json, export_hf, gathered, init_dist, latest_checkpoint, load_checkpoint, open_model,
+                     open_tokenizer, print0, reduce_metrics, release_locks, save_checkpoint, start_run,
+                     write_json, memory_plan, plan_text, measured_memory)
 
 
 def F(default, help: str, range: str | None = None, choices: tuple | None = None):
@@ -91,6 +91,8 @@ class Config:
     resume: bool = F(False, "continue from the latest complete checkpoint in <out>/checkpoints (its config must match, but for runtime.RESUME_MAY_CHANGE)")
     overwrite: bool = F(False, "a fresh run may replace a finished run's final/ in --out (at its end)")
     progress: bool = F(True, "show a tqdm bar")
+    offload_frozen: bool = F(False, "keep frozen models' shards in host memory between forwards (FSDP2 CPU offload; "
+                                    "with several processes or --bf16)")
 
 
 @dataclass
@@ -158,6 +160,9 @@ class PPOConfig(Config):
     no_eos_penalty: float = F(1.0, "subtracted on the last token of a response cut by max_response_len, in units "
                                    "of the normalised score (our addition: the reference code has no such term)", NONNEG)
     delimiters: str = F(".,;:!?\n", "semi-rto: a token whose text holds one of these ends a segment")
+    plan: bool = F(False, "print the memory plan (per GPU, per model) for these checkpoints and exit, reading only "
+                          "their config.json")
+    plan_world: int = F(0, "the number of GPUs to plan for (0: this run's processes)", NONNEG)
     max_response_len: int = F(128, "max new tokens per response", COUNT)
 
 
@@ -354,7 +359,7 @@ def run_sft(cfg: SFTConfig) -> Path:
     rows = read_sft(cfg.data)
     data = encode_rows(rows, lambda r: (tok.encode_prompt(r.prompt, cfg.max_prompt_len),
                                         tok.encode_response(r.prompt, r.response, cfg.max_response_len)))
-    model = shard(load_model(cfg.model, "lm", cfg, tok), cfg)
+    model = open_model(cfg.model, "lm", cfg, tok)
     check_context(rows, data, model.args.max_seq_len)
     print0(f"{len(data)} SFT examples, model {model.num_params() / 1e6:.2f}M parameters")
 
@@ -398,7 +403,7 @@ def run_dpo(cfg: DPOConfig) -> Path:
     run_dir = start_run(cfg)
     check_slot(cfg.model, "model", "lm")
     tok, rows, pairs, eval_pairs = load_pairs(cfg)
-    model = shard(load_model(cfg.model, "lm", cfg, tok), cfg)
+    model = open_model(cfg.model, "lm", cfg, tok)
     check_context(rows, pairs, model.args.max_seq_len)
     # The reference is the starting (SFT) model itself: its log-probs are computed once, before the first
     # step, so no frozen copy has to stay in memory. On a resumed run they come from the checkpoint's
@@ -432,7 +437,7 @@ def run_rm(cfg: RMConfig) -> Path:
     run_dir = start_run(cfg)
     check_slot(cfg.model, "model", None)  # a policy (a new head) or a reward model to train further
     tok, rows, pairs, eval_pairs = load_pairs(cfg)
-    model = shard(load_model(cfg.model, "score", cfg, tok), cfg)
+    model = open_model(cfg.model, "score", cfg, tok)
     check_context(rows, pairs, model.args.max_seq_len)
 
     def loss_fn(idx):
@@ -492,13 +497,22 @@ def micro_view(buf: dict, rows) -> dict:
 
 def run_ppo(cfg: PPOConfig, gold=None) -> Path:
     """gold(prompt_messages, response_text) -> float, when the true reward is known (the built-in task)."""
-    run_dir = start_run(cfg)
-    if cfg.algo not in rto.ALGOS:
-        raise ValueError(f"--algo {cfg.algo!r}: choose one of {rto.ALGOS}")
-    uses_dpo, uses_rm = cfg.algo in ("rto", "semi-rto", "dpo-only"), cfg.algo != "dpo-only"
-    for flag, needed in (("policy", True), ("prompts", True), ("dpo", uses_dpo), ("rm", uses_rm)):
+    check_range(cfg)
+    uses_dpo, uses_rm = cfg.algo in rto.USES_DPO, cfg.algo in rto.USES_RM
+    for flag, needed in (("policy", True), ("prompts", not cfg.plan), ("dpo", uses_dpo), ("rm", uses_rm)):
         if needed and not getattr(cfg, flag):
-            raise ValueError(f"--algo {cfg.algo} needs --{flag}")
+            raise UserError(f"--algo {cfg.algo} needs --{flag}")
+    critic_path = cfg.critic or (cfg.rm if uses_rm else cfg.policy)
+    slots = {"actor": (cfg.policy, True, "lm"), "ref": (cfg.policy, False, "lm"), "dpo": (cfg.dpo, False, "lm"),
+             "rm": (cfg.rm, False, "score"), "critic": (critic_path, True, "score")}
+    used = {k: v for k, v in slots.items() if (k != "dpo" or uses_dpo) and (k != "rm" or uses_rm)}
+    plan = memory_plan({k: (dataclasses.replace(read_config(p), head=h, tie_embeddings=read_config(p).tie_embeddings
+                                                 and h == "lm"), trained) for k, (p, trained, h) in used.items()},
+                       cfg, cfg.plan_world or D.world, cfg.max_prompt_len)
+    print0(plan_text(plan))
+    if cfg.plan:
+        return None
+    run_dir = start_run(cfg)
     if uses_dpo and D.main:  # RTO's token reward is log(pi_dpo / pi_ref): pi_ref must be the DPO run's reference
         dpo_cfg = Path(cfg.dpo) / "train_config.json"
         dpo_ref = json.loads(dpo_cfg.read_text()).get("model") if dpo_cfg.is_file() else None
@@ -512,13 +526,13 @@ def run_ppo(cfg: PPOConfig, gold=None) -> Path:
     prompt_rows = read_prompts(cfg.prompts)
     prompts = encode_rows(prompt_rows, lambda r: tok.encode_prompt(r.prompt, cfg.max_prompt_len))
 
-    actor = shard(load_model(cfg.policy, "lm", tok=tok), cfg)
+    actor = open_model(cfg.policy, "lm", cfg, tok)
     check_context(prompt_rows, [(p, [0] * cfg.max_response_len) for p in prompts], actor.args.max_seq_len)
-    ref = frozen(shard(load_model(cfg.policy, "lm", tok=tok), cfg))  # pi_ref = the SFT model, for KL and RTO
-    dpo_model = frozen(shard(load_model(cfg.dpo, "lm", tok=tok), cfg)) if uses_dpo else None
-    rm_model = frozen(shard(load_model(cfg.rm, "score", tok=tok), cfg)) if uses_rm else None
+    ref = open_model(cfg.policy, "lm", cfg, tok, frozen=True)  # pi_ref = the SFT model, for KL and RTO
+    dpo_model = open_model(cfg.dpo, "lm", cfg, tok, frozen=True) if uses_dpo else None
+    rm_model = open_model(cfg.rm, "score", cfg, tok, frozen=True) if uses_rm else None
     # the critic starts from the reward model, as the reference code does (dpo-only has none: the SFT backbone)
-    critic = shard(load_model(cfg.critic or (cfg.rm if uses_rm else cfg.policy), "score", tok=tok), cfg)
+    critic = open_model(cfg.critic or (cfg.rm if uses_rm else cfg.policy), "score", cfg, tok)
     if uses_rm and cfg.normalize_reward:
         score_mean, score_std = rm_model.args.score_mean, rm_model.args.score_std
         if score_std is None:
@@ -658,6 +672,7 @@ def run_ppo(cfg: PPOConfig, gold=None) -> Path:
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
             save_checkpoint(run_dir, step + 1, models, optims, scheds, cfg)
     bar.close()
+    print0(f"{measured_memory()}; planned {plan['total'] / 2**30:.2f} GiB per GPU")
     export_hf(actor, tok, run_dir / "final", cfg)
     return run_dir / "final"
 
@@ -671,7 +686,7 @@ def run_ppo(cfg: PPOConfig, gold=None) -> Path:
 def evaluate(policy_dir: Path, ref: Llama, tok: Tokenizer, prompt_rows, cfg: PPOConfig, gold=None, rm_model=None):
     """Sample one response per prompt (seeded) from the policy; per prompt: gold reward, RM score and the
     sequence KL sum_h log(pi/pi_ref)(y_h) on the policy's own samples. Prompts are split over ranks."""
-    policy = frozen(shard(load_model(str(policy_dir), "lm", tok=tok), cfg))
+    policy = open_model(str(policy_dir), "lm", cfg, tok, frozen=True)
     n = len(prompt_rows)
     own = list(range(D.rank, n, D.world))
     mine = own + [own[0] if own else 0] * (math.ceil(n / D.world) - len(own))  # equal work on every rank (FSDP)
@@ -734,6 +749,8 @@ class PipelineConfig:
     beta2: float = F(0.01, "KL coefficient of every PPO variant (reference: 0.01)", NONNEG)
     progress: bool = F(True, "show tqdm bars")
     overwrite: bool = F(False, "rerun into an --out that holds finished stages, replacing them")
+    set: list = F([], "any field of a stage's own config: --set ppo.top_k=50 --set sft.lr=1e-3 (stages sft, dpo, "
+                      "rm, ppo; repeat --set); wins over the fields above")
 
 
 def stage_configs(pc: PipelineConfig, data: dict, tok_dir: Path):
@@ -757,7 +774,33 @@ def stage_configs(pc: PipelineConfig, data: dict, tok_dir: Path):
                                 micro_batch_size=micro // 2, max_steps=pc.ppo_steps, beta1=pc.beta1,
                                 dpo_clip=pc.dpo_clip, beta2=pc.beta2)
                 for algo in pc.algos.split(",")}
-    return sft, dpo_cfg, rm_cfg, ppo_cfgs
+    over = stage_overrides(pc.set)
+    ppo_cfgs = {a: dataclasses.replace(c, **over["ppo"]) for a, c in ppo_cfgs.items()}
+    return (dataclasses.replace(sft, **over["sft"]), dataclasses.replace(dpo_cfg, **over["dpo"]),
+            dataclasses.replace(rm_cfg, **over["rm"]), ppo_cfgs)
+
+
+def stage_overrides(items: list[str]) -> dict[str, dict]:
+    """--set STAGE.FIELD=VALUE items -> {stage: {field: value}}, each value parsed as the field's type, so every
+    stage flag reaches `all` without being declared twice."""
+    classes = {"sft": SFTConfig, "dpo": DPOConfig, "rm": RMConfig, "ppo": PPOConfig}
+    out = {k: {} for k in classes}
+    for item in items:
+        key, eq, value = item.partition("=")
+        stage, _, name = key.partition(".")
+        if not eq or stage not in classes:
+            raise UserError(f"--set {item!r}: expected STAGE.FIELD=VALUE with STAGE one of {', '.join(classes)}")
+        fields = {f.name: f for f in dataclasses.fields(classes[stage])}
+        if name not in fields or name in ("out", "data", "eval_data", "model", "prompts", "policy", "dpo", "rm"):
+            raise UserError(f"--set {item!r}: {stage} has no field {name!r} that `all` lets you set "
+                            f"(see `train.py {stage} --help`)")
+        kind = fields[name].type
+        try:
+            out[stage][name] = (value.lower() in ("1", "true", "yes") if kind in ("bool", bool) else
+                                {"int": int, "float": float}.get(kind, str)(value))
+        except ValueError:
+            raise UserError(f"--set {item!r}: {value!r} is not a valid {kind}") from None
+    return out
 
 
 def make_task(pc: PipelineConfig) -> WordTask:
@@ -799,8 +842,8 @@ def run_all(pc: PipelineConfig):
     # Judge every policy on the held-out prompts against the gold reward.
     eval_cfg = next(iter(ppo_cfgs.values()))
     tok = Tokenizer.from_dir(policies["sft"])
-    ref = frozen(shard(load_model(str(policies["sft"]), "lm", tok=tok), eval_cfg))
-    rm_model = frozen(shard(load_model(str(out / "rm" / "final"), "score", tok=tok), eval_cfg))
+    ref = open_model(str(policies["sft"]), "lm", eval_cfg, tok, frozen=True)
+    rm_model = open_model(str(out / "rm" / "final"), "score", eval_cfg, tok, frozen=True)
     rows = read_prompts(data["eval_prompts"])
     res = {name: evaluate(path, ref, tok, rows, eval_cfg, task.gold_reward, rm_model) for name, path in policies.items()}
     rm_eval = json.loads((out / "rm" / "eval.json").read_text())

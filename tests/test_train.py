@@ -142,7 +142,7 @@ def test_bf16_checkpoint_trains_in_fp32(tmp_path):
     model = Llama(ModelArgs.preset("tiny")).to(torch.bfloat16)
     model.save_pretrained(tmp_path / "bf16")
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    loaded = train.load_model(str(tmp_path / "bf16"))
+    loaded = train.open_model(str(tmp_path / "bf16"), "lm", train.SFTConfig())
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a.float(), b), name
