@@ -191,6 +191,17 @@ def table(cfg: SweepConfig, per_seed: list[dict]) -> str:
                  if "time_gen_s" in rs[0] else "-")
         lines.append(f"| {name} | {budget} | {g:.2f} ± {gi:.2f} | {w:.2f} ± {wi:.2f} | {k:.2f} | "
                      f"{np.mean([r['len'] for r in rs]):.1f} | {np.mean([r['eos'] for r in rs]):.2f} | {times} |")
+    # Paired by seed (the same SFT, DPO model and RM): each algorithm minus PPO at the same budget. The seeds'
+    # own spread (their SFT models differ) cancels, so these intervals are the ones to read for "beats PPO".
+    lines += ["", "| gold reward minus PPO's, paired by seed | " + " | ".join(f"budget {b}" for b in
+                                                                         cfg.budgets.split(",")) + " |",
+              "|---|" + "---|" * len(cfg.budgets.split(","))]
+    for algo in [a for a in cfg.algos.split(",") if a != "ppo"]:
+        cells = []
+        for b in cfg.budgets.split(","):
+            m, h = interval([s[f"{algo}_b{b}"]["gold"] - s[f"ppo_b{b}"]["gold"] for s in per_seed])
+            cells.append(f"{m:+.2f} ± {h:.2f}")
+        lines.append(f"| {algo} | " + " | ".join(cells) + " |")
     c, ci = interval([s["correlation"] for s in per_seed])
     a, _ = interval([s["rm_accuracy"] for s in per_seed])
     lines += ["", f"Correlation of the DPO token reward log(pi_dpo/pi_ref) with the gold per-token reward on held-out "

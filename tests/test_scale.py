@@ -109,9 +109,10 @@ def test_two_processes_load_their_shards_with_bounded_host_memory(big, tmp_path)
           f"sharded {[round(g / 2**30, 2) for g in grown['sharded']]} GiB, "
           f"full (the old way) {[round(g / 2**30, 2) for g in grown['full']]} GiB")
     assert results["sharded"][0]["bitwise"]  # the same values as a whole-model fp32 load
-    # each rank holds half the fp32 model plus one tensor slice in flight: well under a full fp32 copy
-    # (margin: 0.75 of it, where half of it is the rank's own shard); the old way needs at least the full copy
-    assert all(g < 0.75 * fp32 for g in grown["sharded"]), grown
+    # each rank holds half the fp32 model plus one tensor's slice in flight (and the file pages it maps): under a
+    # full fp32 copy (measured here: 0.69 of it; asserted with a margin for allocator and page-cache noise: 0.9);
+    # the old way needs at least the full copy (measured: 1.6 of it)
+    assert all(g < 0.9 * fp32 for g in grown["sharded"]), grown
     assert all(g > 0.95 * fp32 for g in grown["full"]), grown
 
 
@@ -134,6 +135,10 @@ def test_bf16_frozen_model_gives_close_log_probs(tmp_path):
     assert a.dtype == b.dtype == torch.float32
     diff = (a - b)[m].abs().max().item()
     assert 0 < diff < 0.05, diff  # bf16 rounding moves them a little, never far (tolerance for this model)
+    # --offload_frozen: the shards live in host memory between forwards; the same numbers
+    off = runtime.open_model(str(base), "lm", train.PPOConfig(bf16=True, offload_frozen=True), tok, frozen=True)
+    with torch.no_grad():
+        assert torch.equal(train.response_logprobs(off, batch)[m], b[m])
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
