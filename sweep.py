@@ -124,7 +124,8 @@ def run_seed(cfg: SweepConfig, seed: int) -> dict:
             ev = judge(run_dir / "final", v["name"])
             steps = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
             diff = ev["gold"] - base["sft"]["gold"]
-            res = {**v, "rollouts": n, "gold": float(ev["gold"].mean()), "kl": float(ev["kl"].mean()),
+            res = {**v, "clip": v["clip"] if math.isfinite(v["clip"]) else None,  # JSON has no inf: null = no clip
+                   "rollouts": n, "gold": float(ev["gold"].mean()), "kl": float(ev["kl"].mean()),
                    "len": float(ev["len"].mean()), "eos": float(ev["eos"].mean()),
                    "win_vs_sft": float(((diff > 0) + 0.5 * (diff == 0)).mean()),
                    "curve": [[s["step"] * cfg.batch_size, s["gold"]] for s in steps],

@@ -80,10 +80,12 @@ def test_explain_matches_an_independent_computation(quick, tmp_path, capsys):
     task = WordTask(seed=0, **TASKS["credit"])
     response = " ".join(task.words[:30])
     html = tmp_path / "e.html"
-    res = train.main(["explain", "--dpo", str(dpo_dir), "--ref", str(ref_dir), "--prompt", "topic cats",
-                      "--response", response, "--prompt", "topic ships", "--task", "credit", "--beta1", "0.5",
-                      "--dpo_clip", "0.1", "--html", str(html)])
+    common = ["explain", "--dpo", str(dpo_dir), "--ref", str(ref_dir), "--task", "credit", "--beta1", "0.5",
+              "--dpo_clip", "0.1"]
+    given = train.main([*common, "--prompt", "topic cats", "--response", response, "--html", str(html)])
     printed = capsys.readouterr().out
+    sampled = train.main([*common, "--prompt", "topic ships", "--html", ""])  # the DPO model's own greedy answer
+    res = {k: given[k] + sampled[k] for k in given}
     tok = Tokenizer.from_dir(dpo_dir)
     dpo, ref = Llama.from_pretrained(dpo_dir).eval(), Llama.from_pretrained(ref_dir).eval()
     for k, prompt in enumerate(["topic cats", "topic ships"]):
@@ -107,5 +109,5 @@ def test_explain_matches_an_independent_computation(quick, tmp_path, capsys):
         assert float(g) == pytest.approx(gw, abs=1e-3)
     assert "\x1b[" not in printed  # not a terminal: no colour codes
     page = html.read_text()
-    assert page.count("<span") == 31 + len(res["responses"][1]) and "topic ships" in page
+    assert page.count("<span") == 31 and "topic cats" in page and len(res["responses"][1]) >= 1
     assert re.search(r"summed token reward [+-]\d", printed)
