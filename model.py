@@ -580,11 +580,6 @@ def safetensors_headers(path: Path) -> dict[str, tuple[Path, tuple, str]]:
     return header(single)
 
 
-def load_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory, whole (bench.py and the tests; training reads per shard)."""
-    return {k: read_source(Source(f, k, shape, dt)) for k, (f, shape, dt) in safetensors_headers(Path(path)).items()}
-
-
 def save_hf_checkpoint(sd: dict, config: dict, path, max_shard_bytes: int, extra_files: dict | None = None):
     """Write an HF checkpoint into path.tmp, then swap it into place (replace_dir): a failure leaves path as it was."""
     path = Path(path)

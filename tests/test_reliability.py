@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import train
-from test_checkpoints import chat_data, make_checkpoint, write_jsonl
+from test_checkpoints import chat_data, make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--batch_size", "4", "--micro_batch_size", "2", "--max_prompt_len", "96", "--no-progress"]

@@ -3,7 +3,6 @@ checked against an independent computation of the token rewards."""
 import json
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -46,7 +45,7 @@ def test_quick_sweep_writes_its_table_and_numbers(quick):
     text = (out / "results.md").read_text()
     assert "| rto_b1 | 1 (512 prompts) |" in text and "Correlation of the DPO token reward" in text
     try:
-        import matplotlib  # noqa: F401
+        import matplotlib  # noqa: F401 (the optional extra: plots only when it is installed)
         assert (out / "curves.png").stat().st_size > 0 and (out / "gold_vs_kl.png").stat().st_size > 0
     except ImportError:
         assert result["plots"] == []  # the optional extra is missing: the table is written, the plots are not

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import train
-from data import Tokenizer
 from model import Llama, ModelArgs
 
 TINY = ["--n_sft", "256", "--n_pref", "256", "--n_prompts", "128", "--n_eval", "32", "--sft_epochs", "1",
