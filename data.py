@@ -443,8 +443,8 @@ class Tokenizer:
         files = {"tokenizer.json": self.tk.to_str()}
         if self.template_file:
             files["chat_template.jinja"] = self.chat_template
-        elif self.chat_template is not None:
-            cfg["chat_template"] = self.chat_template
+        elif self.chat_template is not None and not isinstance(cfg.get("chat_template"), list):
+            cfg["chat_template"] = self.chat_template  # (a list of named templates is carried over whole)
         files["tokenizer_config.json"] = json.dumps(cfg, indent=2, ensure_ascii=False) + "\n"
         files["special_tokens_map.json"] = json.dumps({k: v for k, v in self.tokens.items() if v is not None},
                                                       indent=2, ensure_ascii=False) + "\n"

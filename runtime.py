@@ -185,9 +185,25 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(ckpt: Path):
-    files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST)
-    manifest = {"format": "rto-checkpoint-1", "files": {str(p.relative_to(ckpt)): sha256(p) for p in files}}
+def checkpoint_files(ckpt: Path) -> list[str]:
+    return sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def hash_files(ckpt: Path, names: list[str]) -> dict[str, str]:
+    """sha256 of each file, the work split over the ranks (rank r hashes every world-th file) and the digests
+    gathered on every rank: at 8B scale a checkpoint is ~200 GB, too much for one rank inside a collective's
+    timeout."""
+    mine = {n: sha256(ckpt / n) for n in names[D.rank::D.world]}
+    if D.world > 1:
+        parts = [None] * D.world
+        dist.all_gather_object(parts, mine)
+        mine = {k: v for p in parts for k, v in p.items()}
+    return mine
+
+
+def write_manifest(ckpt: Path, digests: dict[str, str] | None = None):
+    digests = digests if digests is not None else hash_files(ckpt, checkpoint_files(ckpt))
+    manifest = {"format": "rto-checkpoint-1", "files": dict(sorted(digests.items()))}
     (ckpt / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
@@ -200,8 +216,9 @@ def verify_manifest(ckpt: Path):
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{ckpt}: no readable {MANIFEST} ({e.__class__.__name__}); not a checkpoint this project "
                         f"completed, refusing to resume from it") from None
-    present = {str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST}
-    bad = sorted(present ^ set(listed)) + sorted(f for f in present & set(listed) if sha256(ckpt / f) != listed[f])
+    present = set(checkpoint_files(ckpt))
+    got = hash_files(ckpt, sorted(present & set(listed)))  # every rank reaches the same verdict
+    bad = sorted(present ^ set(listed)) + sorted(f for f, h in got.items() if h != listed[f])
     if bad:
         raise UserError(f"{ckpt}: files {bad[:5]} differ from {MANIFEST} (changed, added or missing since this "
                         f"project wrote them); refusing to resume from it")
@@ -235,6 +252,10 @@ def safe_dcp_reader(path: Path):
         def read_metadata(self, *args, **kwargs):  # FileSystemReader's, with SafeUnpickler for pickle.load
             with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
                 metadata = SafeUnpickler(f).load()
+            for info in (metadata.storage_data or {}).values():  # every data file inside this checkpoint
+                name = str(getattr(info, "relative_path", ""))
+                if not name or "/" in name or "\\" in name or name.startswith("."):
+                    raise pickle.UnpicklingError(f"the metadata names a data file {name!r} outside the checkpoint")
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
@@ -276,16 +297,26 @@ def save_checkpoint(run_dir: Path, step: int, models: dict, optims: dict, scheds
             meta = {"step": step, "world": D.world, "schedulers": {k: v.state_dict() for k, v in scheds.items()}}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
             (tmp / "train_config.json").write_text(config_json(cfg))
-            write_manifest(tmp)  # last: a checkpoint without a manifest was never completed
+        barrier()
+        digests = hash_files(tmp, checkpoint_files(tmp))  # every rank hashes its share
+        if D.main:
+            write_manifest(tmp, digests)  # last: a checkpoint without a manifest was never completed
             replace_dir(tmp, final)  # the commit point (an earlier run's step_N in this directory is swapped out)
             for old in ckpt_dir.glob("step_*"):
                 if old != final:
                     shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:  # a full disk, a read-only directory: say where and why; the previous checkpoint stands
+    except (OSError, dcp.api.CheckpointException) as e:  # a full disk, a read-only directory (DCP wraps the
+        # OSError of a failing rank in a CheckpointException, a BaseException): say where and why
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"could not write checkpoint {final}: {e.strerror or e} ({e.filename or tmp}); "
-                        f"the previous checkpoint is untouched") from None
+        why = f"{e.strerror or e} ({e.filename or tmp})" if isinstance(e, OSError) else dcp_cause(e)
+        raise UserError(f"could not write checkpoint {final}: {why}; the previous checkpoint is untouched") from None
     barrier()
+
+
+def dcp_cause(e) -> str:
+    """The last error message inside DCP's per-rank tracebacks (a CheckpointException's text)."""
+    causes = re.findall(r"(?:Error|Exception): (.+)", str(e))
+    return causes[-1] if causes else str(e)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -308,9 +339,8 @@ def load_checkpoint(path: Path, models: dict, optims: dict, scheds: dict) -> int
     try:
         dcp.load(state, storage_reader=reader, planner=planner)
     except (Exception, dcp.api.CheckpointException) as e:  # (CheckpointException is a BaseException)
-        # a damaged file, or metadata that SafeUnpickler refused; DCP wraps the cause in per-rank tracebacks
-        causes = re.findall(r"(?:Error|Exception): (.+)", str(e))
-        raise UserError(f"{path}: the checkpoint does not load: {causes[-1] if causes else e}") from None
+        # a damaged file, or metadata that SafeUnpickler refused
+        raise UserError(f"{path}: the checkpoint does not load: {dcp_cause(e)}") from None
     for name, model in models.items():
         set_state_dict(model, optims[name], model_state_dict=state[name], optim_state_dict=state[f"{name}_optim"])
     rng = path / f"rng_rank{D.rank}.safetensors"
@@ -603,7 +633,7 @@ def take_lock(run_dir: Path):
     """run.lock holds the pid, host and start time of the run using the directory. A lock whose process is gone
     (same host, no such pid) is reported and taken over; a live one is an error that names it."""
     lock = run_dir / LOCK
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "argv": sys.argv}
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "start": proc_start(os.getpid()), "argv": sys.argv}
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -614,7 +644,11 @@ def take_lock(run_dir: Path):
             except (OSError, ValueError, KeyError, TypeError):
                 raise UserError(f"{lock} exists but is unreadable: another run may be using {run_dir}; if none is, "
                                 f"delete {lock}") from None
-            if host == me["host"] and not pid_alive(pid):
+            # stale: that process is gone, or its pid now belongs to another process (a different start time; in a
+            # container pids repeat from run to run), or it is this very process, which never took this lock
+            start = other.get("start")
+            gone = not pid_alive(pid) or pid == me["pid"] or (start is not None and proc_start(pid) != start)
+            if host == me["host"] and gone:
                 print0(f"{lock}: left by pid {pid}, which is no longer running; taking it over")
                 lock.unlink(missing_ok=True)
                 continue
@@ -625,6 +659,15 @@ def take_lock(run_dir: Path):
         RUN["locks"].append(lock)
         return
     raise UserError(f"{lock}: could not take the lock")
+
+
+def proc_start(pid: int) -> str | None:
+    """The start time of a process (/proc/<pid>/stat field 22, clock ticks since boot): with the pid, it tells a
+    process from a later one that reuses its pid. None where /proc is not there."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
 
 
 def pid_alive(pid: int) -> bool:

@@ -1,6 +1,6 @@
 """The sample-efficiency experiment: does RTO's dense token reward let PPO learn more from each sample?
 
-    python sweep.py --quick                 # a reduced grid, under 5 minutes on 2 CPU cores
+    python sweep.py --quick                 # a reduced grid into runs/sweep_quick, under 5 minutes on 2 CPU cores
     python sweep.py                         # the full grid (5 seeds), about an hour on 2 CPU cores
     python sweep.py --out runs/sweep        # rerun: finished runs are kept, a half-finished one is redone
 
@@ -39,7 +39,8 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 
 @dataclass
 class SweepConfig:
-    out: str = "runs/sweep"  # one directory per seed (seed_0/ ...), results.md, results.json, the plots
+    out: str = ""  # one directory per seed (seed_0/ ...), results.md, results.json, the plots; default
+    # runs/sweep, or runs/sweep_quick with --quick (a directory holds one grid: see main)
     task: str = "credit"  # a built-in task (data.TASKS)
     seeds: int = 5  # seeds 0 .. seeds-1: task table, data, every stage
     algos: str = "ppo,rto,semi-rto,dpo-only"  # PPO variants run at every budget
@@ -56,6 +57,7 @@ class SweepConfig:
     device: str = "auto"
 
     def __post_init__(self):
+        self.out = self.out or ("runs/sweep_quick" if self.quick else "runs/sweep")
         if self.quick:
             self.seeds, self.budgets, self.ablation, self.ppo_steps = 2, "0.25,1", "0.5:inf", 16
             self.n_sft, self.n_pref, self.n_eval, self.sft_epochs, self.pref_epochs = 1024, 512, 64, 2, 1
@@ -271,6 +273,15 @@ def main(argv=None) -> dict:
     if D.world > 1:
         raise SystemExit("sweep.py runs its many small runs one process at a time: start it with python, not torchrun")
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    # A rerun reuses finished runs, so a directory must hold one grid: refuse other settings instead of mixing
+    # their results into one table (the device may change)
+    saved = Path(cfg.out) / "sweep_config.json"
+    now = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "device"}
+    if saved.exists() and json.loads(saved.read_text()) != now:
+        old = json.loads(saved.read_text())
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {now.get(k)!r}" for k in sorted(now) if old.get(k) != now.get(k))
+        raise SystemExit(f"{cfg.out} holds a sweep run with other settings ({diff}): give another --out")
+    saved.write_text(json.dumps(now, indent=2) + "\n")
     print0("== SweepConfig\n" + json.dumps(dataclasses.asdict(cfg), indent=2))
     t0 = time.perf_counter()
     per_seed = [run_seed(cfg, s) for s in range(cfg.seeds)]

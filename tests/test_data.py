@@ -290,6 +290,8 @@ def test_template_file_wins_and_named_templates(tmp_path):
                              {"name": "default", "template": other}]}
     tok = Tokenizer.from_dir(write_tok_dir(tmp_path, tk, cfg))
     assert tok.chat_template == other and tok.encode_prompt([{"role": "user", "content": "a"}], 10) == [2, 1, 4]
+    written = json.loads(tok.hf_files()["tokenizer_config.json"])  # an export keeps every named template
+    assert written["chat_template"] == cfg["chat_template"]
     # chat_template.jinja beside tokenizer_config.json is the template (transformers >= 4.43 writes it there)
     in_file = other.replace("'b '", "'a '")
     tok = Tokenizer.from_dir(write_tok_dir(tmp_path, tk, cfg, template_file=in_file))

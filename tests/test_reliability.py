@@ -139,10 +139,19 @@ def other_tokenizer_dpo(ws):
     return d
 
 
+LIVE = {}
+
+
 def live_lock(ws):
+    """A lock held by another live process (a sleeping child of the test), with its pid and start time."""
+    import runtime
+
     out = ws / "cases" / "locked"
     out.mkdir(parents=True)
-    (out / "run.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    LIVE["proc"] = subprocess.Popen(["sleep", "120"])
+    pid = LIVE["proc"].pid
+    (out / "run.lock").write_text(json.dumps({"pid": pid, "host": socket.gethostname(),
+                                              "start": runtime.proc_start(pid)}))
     return out
 
 
@@ -176,7 +185,7 @@ CASES = [
     ("resume-nothing", lambda ws: sft_args(ws, ws / "cases" / "never_ran", "--resume"),
      r"--resume: no complete checkpoint in .*never_ran/checkpoints"),
     # Bad: two runs in one directory, a finished run overwritten
-    ("live-lock", lambda ws: sft_args(ws, live_lock(ws)), rf"is in use by pid {os.getpid()} on .*run.lock"),
+    ("live-lock", lambda ws: sft_args(ws, live_lock(ws)), r"is in use by pid \d+ on .*run.lock"),
     ("finished-final", lambda ws: sft_args(ws, finished(ws)), r"final holds a finished run: pass --overwrite"),
     # Bad: values that make no sense
     *[(f"range-{flag}-{value}", (lambda f, v: lambda ws: ppo_args(ws, ws / "cases" / f"r_{f}", f"--{f}", v))(flag, value),
@@ -286,6 +295,22 @@ def test_stale_lock_is_reported_and_taken_over(ws, capsys):
     train.main(sft_args(ws, out))
     assert f"left by pid {pid}, which is no longer running; taking it over" in capsys.readouterr().out
     assert (out / "final").is_dir() and not (out / "run.lock").exists()  # released at the end
+
+
+def test_own_pid_or_a_reused_pid_is_a_stale_lock(ws, capsys):
+    """In a container pids repeat from run to run: a lock naming this very process (which never took it), or a
+    live pid whose start time differs from the one recorded, was left by a dead run."""
+    import runtime
+
+    for name, lock in (("ownpid", {"pid": os.getpid()}), ("reused", {"pid": os.getppid(), "start": "1"})):
+        out = ws / "cases" / name
+        out.mkdir(parents=True)
+        (out / "run.lock").write_text(json.dumps({**lock, "host": socket.gethostname()}))
+        runtime.take_lock(out)
+        assert "taking it over" in capsys.readouterr().out
+        assert json.loads((out / "run.lock").read_text())["start"] == runtime.proc_start(os.getpid())
+        runtime.release_locks(True)
+        assert not (out / "run.lock").exists()
 
 
 def test_lock_is_held_during_the_run_and_released(ws, monkeypatch):
