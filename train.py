@@ -1,6 +1,6 @@
 """Every stage of the RTO pipeline: SFT -> DPO -> Bradley-Terry reward model -> PPO with dense token rewards.
 
-    python train.py                     # the whole pipeline on the built-in task (~45 s on 2 CPU cores), results table
+    python train.py                     # the whole pipeline on the built-in task (1-2 min on 2 CPU cores), results table
     python train.py sft --data sft.jsonl --model path/to/Llama-3.2-1B --out runs/sft
     python train.py dpo --data prefs.jsonl --model runs/sft/final --out runs/dpo
     python train.py rm  --data prefs.jsonl --model runs/sft/final --out runs/rm
