@@ -13,6 +13,7 @@ import time
 
 import torch
 
+import hf
 from model import Llama, ModelArgs, generate
 
 
@@ -37,9 +38,9 @@ def hf_model(model: Llama):
         from transformers import LlamaConfig, LlamaForCausalLM
     except ImportError:
         return None
-    cfg = {k: v for k, v in model.args.to_hf_config().items() if k != "architectures"}
+    cfg = {k: v for k, v in hf.config_from_args(model.args).items() if k != "architectures"}
     ref = LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation="sdpa"))
-    sd = model.hf_state_dict()
+    sd = hf.state_dict(model)
     if model.args.tie_embeddings:  # HF's state dict names the shared tensor twice
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     ref.load_state_dict(sd)

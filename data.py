@@ -1,16 +1,11 @@
-"""Data for every stage: JSONL readers, the tokenizer wrapper, batch collation, and a synthetic task.
+"""Data for every stage: the batch layout, JSONL readers that name the file, line and key of a mistake, and
+the built-in tasks whose true per-token reward is known.
 
-    rows = read_sft("sft.jsonl")              # list[SFTRow]
-    tok = Tokenizer.from_dir("base_model/")   # reads base_model/tokenizer.json
-    p = tok.encode_prompt(rows[0].prompt, max_len=512)
-    r = tok.encode_response(rows[0].response, max_len=512)
-    batch = collate([p], [r], tok.pad_id)     # prompts left-padded, responses right-padded
+    batch = collate(prompts, responses, pad_id)   # the one batch layout, below
+    rows = read_sft("sft.jsonl")                  # list[SFTRow]; read_preferences, read_prompts
+    task = WordTask(seed=0, **TASKS["credit"])    # gold_reward(prompt, response), write_data(...)
 
-Every stage uses one batch layout: prompts LEFT-padded to a common width P, responses RIGHT-padded
-to width R, concatenated into (B, P+R). Left padding puts every prompt's last token in column P-1,
-so generation starts in the same column for every row, and the response token in column P+j is
-predicted by the logits in column P+j-1.
-
+The token ids come from hf.Tokenizer (the checkpoint's own tokenizer, special tokens and chat template).
 WordTask is the built-in demo: a toy "write words about a topic" task whose true reward is a known
 sum of per-word scores, so SFT -> DPO -> RM -> PPO can be judged against the true per-token reward.
 """
@@ -18,11 +13,54 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
-import tokenizers
 import torch
+
+# -----------------------------------------------------------------------------
+# The batch layout. Every stage uses one: prompts LEFT-padded to a common width P, responses RIGHT-padded to
+# width R, concatenated into (B, P+R):
+#
+#     [pad pad p1 p2 p3 | r1 r2 EOS pad]      input_ids, attention_mask (B, P+R); response_mask (B, R)
+#
+# Left padding puts every prompt's last token in column P-1, so generation starts in the same column for every
+# row, and the response token in column P+j is predicted by the logits in column P+j-1 (train.response_logprobs).
+# Position ids are cumsum(mask) - 1 (model.Llama.forward), so padding never changes a row's logits.
+
+
+def _pad(seqs, pad_id, left):
+    """Pad id lists to the longest. Returns ids (B, T) long, mask (B, T) long, 1 on real ids."""
+    T = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        cols = slice(T - len(s), T) if left else slice(0, len(s))
+        ids[i, cols] = torch.tensor(s, dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
+
+
+def pad_left(seqs, pad_id):
+    """Left-pad id lists to the longest P. Returns ids (B, P) long, mask (B, P) long, 1 on real ids."""
+    return _pad(seqs, pad_id, left=True)
+
+
+def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict:
+    """Prompts left-padded to P, responses right-padded to R, side by side.
+    Returns input_ids (B, P+R) long, attention_mask (B, P+R) long (1 on real ids),
+    response_mask (B, R) bool (True on real response ids), prompt_len P.
+    The response id in column P+j is predicted by the logits in column P+j-1."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    p_ids, p_mask = pad_left(prompts, pad_id)
+    r_ids, r_mask = _pad(responses, pad_id, left=False)
+    return {
+        "input_ids": torch.cat([p_ids, r_ids], dim=1),
+        "attention_mask": torch.cat([p_mask, r_mask], dim=1),
+        "response_mask": r_mask.bool(),
+        "prompt_len": p_ids.shape[1],
+    }
+
 
 # -----------------------------------------------------------------------------
 # JSONL readers
@@ -215,383 +253,6 @@ def read_prompts(path) -> list[PromptRow]:
         key = "prompt" if "prompt" in obj or "messages" not in obj else "messages"
         rows.append(PromptRow(_prompt(_get(obj, key, path, lineno), key, path, lineno), f"{path}:{lineno}"))
     return rows
-
-
-# -----------------------------------------------------------------------------
-# Tokenizer: the checkpoint's special tokens, stop ids and chat template, read the way transformers reads them
-
-SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
-# Only for a bare tokenizer.json with no tokenizer_config.json: the special tokens are then guessed by name, among
-# the tokenizer's added *special* tokens only (many vocabularies also hold "<s>" or "</s>" as ordinary text).
-FALLBACK_NAMES = {
-    "bos_token": ["<|begin_of_text|>", "<|bos|>", "<s>", "<bos>"],
-    "eos_token": ["<|eot_id|>", "<|im_end|>", "<end_of_turn>", "<|end_of_text|>", "<|eos|>", "</s>", "<eos>",
-                  "<|endoftext|>"],
-    "pad_token": ["<|finetune_right_pad_id|>", "<|pad|>", "<pad>"],
-    "unk_token": ["<unk>", "<|unk|>", "[UNK]"],
-}
-NEW_PAD = "<|pad|>"  # added (and the embedding grown by one row) only when the tokenizer has no usable pad at all
-# Stands in for an assistant message when probing a chat template for what closes an assistant turn.
-SENTINEL = "RTO_SENTINEL_7c1f"
-
-
-def read_json_file(path: Path) -> dict | None:
-    """A JSON object from path, or None when the file does not exist; a malformed file names itself."""
-    if not path.is_file():
-        return None
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise DataError(f"{path}: expected a JSON object, got {type(obj).__name__}")
-    return obj
-
-
-def _token_content(value, where: str) -> str | None:
-    """A special-token field of tokenizer_config.json: a string, an AddedToken dict {"content": ...}, or null."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, dict) and isinstance(value.get("content"), str):
-        return value["content"]
-    raise DataError(f"{where}: expected a token string or an object with 'content', got {value!r}")
-
-
-def _id_list(value, where: str) -> list[int]:
-    """eos_token_id of generation_config.json / config.json: an int, a list of ints (Llama-3.1), or null."""
-    if value is None:
-        return []
-    vals = value if isinstance(value, list) else [value]
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
-        raise DataError(f"{where}: expected an int or a list of ints, got {value!r}")
-    return vals
-
-
-def compile_chat_template(source: str, where: str):
-    """A chat template compiled the way transformers' apply_chat_template compiles it: a sandboxed jinja2
-    environment (a template is data from a checkpoint: it must not reach Python objects or files), trim_blocks and
-    lstrip_blocks, loop controls, the helpers templates call (raise_exception, strftime_now, a tojson that does
-    not escape HTML) and the {% generation %} block some templates mark the assistant's text with."""
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise jinja2.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    class Generation(jinja2.ext.Extension):  # renders its body unchanged (transformers uses it to find masks)
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-        def _body(self, caller):
-            return caller()
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[Generation, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: __import__("datetime").datetime.now().strftime(fmt)
-    try:
-        return env.from_string(source)
-    except jinja2.TemplateSyntaxError as e:
-        raise DataError(f"{where}: chat_template line {e.lineno}: {e.message}") from None
-
-
-class Tokenizer:
-    """A `tokenizers.Tokenizer` plus what its checkpoint says about it: the special tokens, the ids that end a
-    response, and the chat template (without one, a plain "role: text" format).
-
-    - bos_id: tokenizer_config.json's bos_token (None for checkpoints without one, e.g. ChatML models).
-    - eos_id: the token a training response ends with, and so the one the policy learns to emit and the reward
-      model reads its score at: the end-of-turn token the chat template closes an assistant turn with
-      (<|eot_id|>, <|im_end|>, <end_of_turn>, </s>), or eos_token without a template.
-    - stop_ids: every id that ends a sampled response: eos_id, eos_token and generation_config.json's
-      eos_token_id (a list for Llama-3.1-Instruct).
-    - pad_id: only ever fills; where a row ends comes from its mask, never from the pad id. It is still never a stop
-      id, because Hugging Face's sequence classifier reads its score at the last token that is not pad: a reward
-      model exported with pad == eos would be read one token early by every tool that loads it.
-    notes lists what was chosen and why (train.py prints them at load).
-    """
-
-    def __init__(self, tk: tokenizers.Tokenizer, config: dict | None = None, generation_config: dict | None = None,
-                 chat_template: str | None = None, source: str = "tokenizer", template_file: bool = False):
-        self.tk, self.source = tk, source
-        self.config = dict(config) if config is not None else None  # tokenizer_config.json as read
-        self.generation_config = dict(generation_config or {})
-        self.template_file = template_file  # the template came from chat_template.jinja (written back there)
-        self.notes: list[str] = []
-        self.added_tokens: list[str] = []  # tokens this class added to the vocabulary (the embedding must grow)
-        added = {t.content: i for i, t in tk.get_added_tokens_decoder().items() if t.special}
-        if config is None:
-            self.tokens = {k: next((n for n in names if n in added), None) for k, names in FALLBACK_NAMES.items()}
-            self.notes.append(f"{source}: no tokenizer_config.json, special tokens chosen by name: "
-                              + ", ".join(f"{k} {v!r}" for k, v in self.tokens.items()))
-        else:
-            self.tokens = {k: _token_content(config.get(k), f"{source}: tokenizer_config.json field '{k}'")
-                           for k in SPECIAL_KEYS}
-        ids = {}
-        for key, text in self.tokens.items():
-            if text is not None:
-                ids[key] = tk.token_to_id(text)
-                if ids[key] is None:
-                    raise DataError(f"{source}: tokenizer_config.json field '{key}' is {text!r}, "
-                                    f"which tokenizer.json does not hold")
-        if "eos_token" not in ids:
-            raise DataError(f"{source}: no EOS token: tokenizer_config.json has no 'eos_token'"
-                            + (" (and no added special token is named like one)" if config is None else ""))
-        self.bos_id, self.eos_id = ids.get("bos_token"), ids["eos_token"]
-        stops = {self.eos_id, *_id_list(self.generation_config.get("eos_token_id"),
-                                        f"{source}: generation_config.json field 'eos_token_id'")}
-        self.chat_template = chat_template
-        self._template = compile_chat_template(chat_template, source) if chat_template else None
-        self._turn_tail = ""  # what the template writes after an assistant message's text
-        if self._template is not None:
-            eot = self._end_of_turn()
-            if eot is not None and eot != self.eos_id:
-                self.notes.append(f"{source}: the chat template ends an assistant turn with "
-                                  f"{tk.id_to_token(eot)!r} (id {eot}): responses end there, and it stops sampling")
-                self.eos_id = eot
-            stops.add(self.eos_id)
-        self.stop_ids = sorted(stops)
-        self.pad_id = self._choose_pad(ids.get("pad_token"), ids.get("unk_token"), added)
-        self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
-
-    @property
-    def chat(self) -> bool:
-        return self._template is not None
-
-    def _choose_pad(self, declared, unk, added) -> int:
-        stops = set(self.stop_ids)
-        if declared is not None and declared not in stops:
-            return declared
-        why = ("declares no pad_token" if declared is None else
-               f"declares pad_token {self.tokens['pad_token']!r}, which also ends responses")
-        # an added special token named like a pad (<|finetune_right_pad_id|>, <pad>, <｜▁pad▁｜>), else a reserved one
-        named = sorted(i for t, i in added.items() if "pad" in t.lower() and i not in stops)
-        reserved = sorted(i for t, i in added.items() if "reserved" in t and i not in stops)
-        if named or reserved:
-            pad = (named or reserved)[0]
-        elif unk is not None and unk not in stops:
-            pad = unk
-        else:
-            self.tk.add_special_tokens([tokenizers.AddedToken(NEW_PAD, special=True, normalized=False)])
-            pad = self.tk.token_to_id(NEW_PAD)
-            self.added_tokens.append(NEW_PAD)
-        self.tokens["pad_token"] = self.tk.id_to_token(pad)
-        self.notes.append(f"{self.source}: the tokenizer {why}; padding with {self.tokens['pad_token']!r} (id {pad})"
-                          + (", a new token" if self.added_tokens else "") + "; exports declare it as pad_token")
-        return pad
-
-    @classmethod
-    def from_dir(cls, d) -> "Tokenizer":
-        """Read a checkpoint directory the way transformers' AutoTokenizer + GenerationConfig do:
-        tokenizer.json; special tokens from tokenizer_config.json (special_tokens_map.json overrides them when
-        tokenizer_config.json lists no added_tokens_decoder, transformers' legacy rule); the chat template from
-        chat_template.jinja, else tokenizer_config.json's chat_template (a list of named templates: "default");
-        stop ids from generation_config.json, else config.json's eos_token_id."""
-        d = Path(d)
-        path = d / "tokenizer.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no tokenizer file (expected a HF tokenizers 'tokenizer.json')")
-        try:
-            tk = tokenizers.Tokenizer.from_file(str(path))
-        except Exception as e:  # the Rust parser's message says what is wrong
-            raise DataError(f"{path}: not a tokenizers file: {e}") from None
-        config = read_json_file(d / "tokenizer_config.json")
-        smap = read_json_file(d / "special_tokens_map.json")
-        if smap is not None and (config is None or "added_tokens_decoder" not in config):
-            config = {**(config or {}), **{k: v for k, v in smap.items() if k in SPECIAL_KEYS}}
-        template, template_file = None, (d / "chat_template.jinja").is_file()
-        if template_file:
-            template = (d / "chat_template.jinja").read_text(encoding="utf-8")
-        elif config is not None and config.get("chat_template"):
-            template = config["chat_template"]
-            if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-                named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-                if "default" not in named:
-                    raise DataError(f"{d / 'tokenizer_config.json'}: field 'chat_template' lists templates "
-                                    f"{sorted(named)} but none named 'default'")
-                template = named["default"]
-            if not isinstance(template, str):
-                raise DataError(f"{d / 'tokenizer_config.json'}: field 'chat_template' is not a string")
-        gen = read_json_file(d / "generation_config.json")
-        if gen is None:  # transformers builds the generation config from the model's config.json
-            model_cfg = read_json_file(d / "config.json") or {}
-            gen = {k: model_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in model_cfg}
-        return cls(tk, config, gen, template, source=str(d), template_file=template_file)
-
-    def hf_files(self) -> dict[str, str]:
-        """What AutoTokenizer reads: tokenizer.json, tokenizer_config.json (the input's, chat template and special
-        tokens intact, pad_token set to the one used here), special_tokens_map.json, and chat_template.jinja when
-        the input kept the template there."""
-        cfg = dict(self.config) if self.config is not None else {
-            "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
-        for key, text in self.tokens.items():
-            if text is not None and _token_content(cfg.get(key), key) != text:
-                cfg[key] = text
-        if self.added_tokens and "added_tokens_decoder" in cfg:
-            cfg["added_tokens_decoder"] = {**cfg["added_tokens_decoder"], **{
-                str(self.tk.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                                              "single_word": False, "special": True} for t in self.added_tokens}}
-        files = {"tokenizer.json": self.tk.to_str()}
-        if self.template_file:
-            files["chat_template.jinja"] = self.chat_template
-        elif self.chat_template is not None and not isinstance(cfg.get("chat_template"), list):
-            cfg["chat_template"] = self.chat_template  # (a list of named templates is carried over whole)
-        files["tokenizer_config.json"] = json.dumps(cfg, indent=2, ensure_ascii=False) + "\n"
-        files["special_tokens_map.json"] = json.dumps({k: v for k, v in self.tokens.items() if v is not None},
-                                                      indent=2, ensure_ascii=False) + "\n"
-        return files
-
-    def generation_config_json(self) -> str:
-        """generation_config.json: the input's (sampling defaults kept) with this tokenizer's ids; eos_token_id
-        lists every stop id, so transformers' and vLLM's generate stop where ours does."""
-        ids = {"bos_token_id": self.bos_id, "pad_token_id": self.pad_id,
-               "eos_token_id": self.stop_ids[0] if len(self.stop_ids) == 1 else self.stop_ids}
-        return json.dumps({**self.generation_config, **ids}, indent=2) + "\n"
-
-    def save(self, d):
-        Path(d).mkdir(parents=True, exist_ok=True)
-        for name, text in self.hf_files().items():
-            (Path(d) / name).write_text(text, encoding="utf-8")
-
-    def encode(self, text: str) -> list[int]:
-        """Text -> ids, special tokens in the text recognised as themselves, no BOS/EOS added (as transformers'
-        apply_chat_template tokenizes: add_special_tokens=False skips the post-processor)."""
-        return self.tk.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids, skip_special=True) -> str:
-        return self.tk.decode([int(i) for i in ids], skip_special_tokens=skip_special)
-
-    def render(self, messages, add_generation_prompt: bool) -> str:
-        """The chat template applied to messages, with the context transformers gives it (bos_token, eos_token,
-        ... as strings; tools and documents None)."""
-        import jinja2
-
-        ctx = {k: v for k, v in self.tokens.items() if v is not None}
-        if self.config and self.config.get("additional_special_tokens"):
-            ctx["additional_special_tokens"] = [_token_content(t, "additional_special_tokens")
-                                                for t in self.config["additional_special_tokens"]]
-        try:
-            return self._template.render(messages=messages, tools=None, documents=None,
-                                         add_generation_prompt=add_generation_prompt, **ctx)
-        except jinja2.TemplateError as e:
-            raise DataError(f"the chat template of {self.source} refused this conversation: {e}") from None
-
-    def _end_of_turn(self) -> int | None:
-        """The special token the template closes an assistant turn with: render a probe conversation, tokenize
-        what follows the assistant's text, return its first special token (None when there is none)."""
-        text = self.render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": SENTINEL}], False)
-        if SENTINEL not in text:
-            raise DataError(f"{self.source}: the chat template does not show an assistant message's text")
-        self._turn_tail = text[text.index(SENTINEL) + len(SENTINEL):]
-        special = {i for i, t in self.tk.get_added_tokens_decoder().items() if t.special}
-        return next((i for i in self.encode(self._turn_tail) if i in special), None)
-
-    def encode_prompt(self, messages, max_len: int) -> list[int]:
-        """Messages -> ids ending with the generation cue (the template's, or "assistant:"). When longer than
-        max_len keep the BOS (if any) and the LAST ids: the latest turn and the cue the response follows matter most."""
-        assert max_len >= 2, "a prompt needs room for BOS and at least one token"
-        if self.chat:
-            ids = self.encode(self.render(messages, add_generation_prompt=True))
-        else:
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-            ids = ([] if self.bos_id is None else [self.bos_id]) + self.encode(text)
-        if len(ids) > max_len:
-            keep = 1 if ids[0] == self.bos_id else 0
-            ids = ids[:keep] + ids[len(ids) - (max_len - keep):]
-        return ids
-
-    def encode_response(self, messages, text: str, max_len: int) -> list[int]:
-        """The response to `messages` -> ids ending with eos_id, keeping the FIRST max_len ids. A response cut this
-        way has no EOS: a truncated demonstration teaches no stop, and overwriting its last id with EOS would teach
-        a stop the data never made.
-
-        With a chat template the response is what the template writes after the generation prompt (the
-        conversation rendered with the answer, minus the prompt rendered with add_generation_prompt, as ids), so
-        prompt + response is exactly the ids transformers gives the whole conversation; it ends at its first stop
-        id (the "\\n" a template writes after <|im_end|> belongs to the next turn's layout)."""
-        assert max_len >= 1
-        if not self.chat:  # plain format: the prompt ends in "assistant:", the answer follows after one space
-            return (self.encode(" " + text) + [self.eos_id])[:max_len]
-        prompt = self.render(messages, add_generation_prompt=True)
-        full = self.render(list(messages) + [{"role": "assistant", "content": text}], add_generation_prompt=False)
-        if full.startswith(prompt):
-            p_ids, f_ids = self.encode(prompt), self.encode(full)
-            # a merge across the boundary would make the prompt's ids no prefix: then tokenize the rest on its own
-            ids = f_ids[len(p_ids):] if f_ids[:len(p_ids)] == p_ids else self.encode(full[len(prompt):])
-        else:
-            # The template renders a finished assistant turn differently from a generation prompt followed by the
-            # answer (DeepSeek-R1's prompt ends in "<think>\n", a finished turn drops the reasoning): train on what
-            # sampling sees, the answer after the prompt, closed the way the template closes a turn.
-            ids = self.encode(text + self._turn_tail)
-        stop = set(self.stop_ids)
-        end = next((k for k, i in enumerate(ids) if i in stop), None)
-        ids = ids[:end + 1] if end is not None else ids + [self.eos_id]
-        return ids[:max_len]
-
-
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """Byte-level BPE trained on texts, with special tokens <|bos|>, <|eos|>, <|pad|> (ids 0, 1, 2).
-    Byte level means any text encodes and decodes back exactly (no unknown token)."""
-    tk = tokenizers.Tokenizer(tokenizers.models.BPE())
-    # add_prefix_space=False so encode(text) round-trips without an invented leading space
-    tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"],
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen or not
-        show_progress=False,
-    )
-    tk.train_from_iterator(list(texts), trainer=trainer)
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-              "bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
-    return Tokenizer(tk, config, source="trained tokenizer")
-
-
-# -----------------------------------------------------------------------------
-# Collation
-
-def _pad(seqs, pad_id, left):
-    """Pad id lists to the longest. Returns ids (B, T) long, mask (B, T) long, 1 on real ids."""
-    T = max((len(s) for s in seqs), default=0)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        cols = slice(T - len(s), T) if left else slice(0, len(s))
-        ids[i, cols] = torch.tensor(s, dtype=torch.long)
-        mask[i, cols] = 1
-    return ids, mask
-
-
-def pad_left(seqs, pad_id):
-    """Left-pad id lists to the longest P. Returns ids (B, P) long, mask (B, P) long, 1 on real ids."""
-    return _pad(seqs, pad_id, left=True)
-
-
-def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict:
-    """Prompts left-padded to P, responses right-padded to R, side by side.
-    Returns input_ids (B, P+R) long, attention_mask (B, P+R) long (1 on real ids),
-    response_mask (B, R) bool (True on real response ids), prompt_len P.
-    The response id in column P+j is predicted by the logits in column P+j-1."""
-    if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    p_ids, p_mask = pad_left(prompts, pad_id)
-    r_ids, r_mask = _pad(responses, pad_id, left=False)
-    return {
-        "input_ids": torch.cat([p_ids, r_ids], dim=1),
-        "attention_mask": torch.cat([p_mask, r_mask], dim=1),
-        "response_mask": r_mask.bool(),
-        "prompt_len": p_ids.shape[1],
-    }
 
 
 # -----------------------------------------------------------------------------

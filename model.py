@@ -1,8 +1,9 @@
-"""A Llama 2/3 decoder in plain PyTorch, Hugging Face-format checkpoints in and out, and fast batched sampling.
+"""A Llama 2/3 decoder in plain PyTorch, its KV cache, and batched sampling: the network, nothing else.
 
     python model.py                      # build the tiny preset, sample a few tokens, print shapes
-    from model import Llama
-    model = Llama.from_pretrained("path/to/Llama-3.2-1B")   # config.json + *.safetensors, no pickle
+    from model import Llama, ModelArgs
+    model = Llama(ModelArgs.preset("tiny"))
+    model = hf.load("path/to/Llama-3.2-1B")   # a Hugging Face checkpoint: hf.py is the file-format boundary
 
 One Block class (RMSNorm -> grouped-query attention with rotary embeddings -> RMSNorm -> SwiGLU MLP), biases
 only where a checkpoint's config asks for them (attention_bias, mlp_bias), no dropout (RLHF needs the ratio
@@ -16,12 +17,8 @@ padded row gives the same logits as the same row unpadded.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -77,114 +74,6 @@ class ModelArgs:
             raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
-    # HF config.json <-> ModelArgs, written out so nothing is renamed by magic.
-    @classmethod
-    def from_hf_config(cls, cfg: dict, path: str = "config.json") -> "ModelArgs":
-        model_type = cfg.get("model_type", "llama")
-        if model_type not in HF_ARCHITECTURES:
-            raise ValueError(f"{path}: field 'model_type' is {model_type!r}; accepted: {sorted(HF_ARCHITECTURES)} "
-                             f"(Llama-family decoders; Qwen2, Gemma, MoE and others compute something else)")
-        arch = (cfg.get("architectures") or [HF_ARCHITECTURES[model_type]["lm"]])[0]
-        if arch not in HF_ARCHITECTURES[model_type].values():
-            raise ValueError(f"{path}: field 'architectures' is {arch!r}; accepted for {model_type}: "
-                             f"{sorted(HF_ARCHITECTURES[model_type].values())}")
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{path}: field 'hidden_act' is {cfg['hidden_act']!r}; this implementation supports 'silu'")
-        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
-            if key not in cfg:
-                raise ValueError(f"{path}: missing field '{key}'")
-            if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] <= 0:
-                raise ValueError(f"{path}: field '{key}' is {cfg[key]!r}; expected a positive integer")
-        for key in ("rms_norm_eps", "rope_theta"):
-            v = cfg.get(key, 1.0)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
-                raise ValueError(f"{path}: field '{key}' is {v!r}; expected a positive number")
-        window, max_pos = cfg.get("sliding_window"), cfg.get("max_position_embeddings", 2048)
-        if window is not None and window < max_pos:
-            raise ValueError(f"{path}: field 'sliding_window' is {window}, shorter than max_position_embeddings "
-                             f"{max_pos}; sliding-window attention is not implemented. Full attention equals it on "
-                             f"sequences of at most {window} tokens: set max_position_embeddings to {window} in a "
-                             f"copy of the checkpoint to use it that way")
-        # transformers >= 5 writes one "rope_parameters" dict instead of rope_theta + rope_scaling
-        rope = dict(cfg.get("rope_parameters") or {})
-        rope_theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
-        rope_scaling = (rope or None) if "rope_parameters" in cfg else cfg.get("rope_scaling")
-        args = cls(
-            dim=cfg["hidden_size"],
-            n_layers=cfg["num_hidden_layers"],
-            n_heads=cfg["num_attention_heads"],
-            n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-            head_dim=cfg.get("head_dim") or 0,
-            vocab_size=cfg["vocab_size"],
-            hidden_dim=cfg["intermediate_size"],
-            norm_eps=cfg.get("rms_norm_eps", 1e-5),
-            rope_theta=rope_theta,
-            rope_scaling=rope_scaling,
-            max_seq_len=max_pos,
-            tie_embeddings=cfg.get("tie_word_embeddings", False),
-            attention_bias=bool(cfg.get("attention_bias", False)),
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
-            model_type=model_type,
-            sliding_window=window,
-            head="score" if arch == HF_ARCHITECTURES[model_type]["score"] else "lm",
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_id=cfg.get("eos_token_id"),
-            pad_token_id=cfg.get("pad_token_id"),
-            added_tokens=list(cfg.get("rto_added_tokens") or []),
-            score_mean=cfg.get("rto_score_mean"),
-            score_std=cfg.get("rto_score_std"),
-        )
-        if args.head == "score" and cfg.get("num_labels", len(cfg.get("id2label", {0: 0}))) != 1:
-            raise ValueError(f"{path}: a reward model must have num_labels 1")
-        if args.rope_scaling is not None:
-            kind = args.rope_scaling.get("rope_type", args.rope_scaling.get("type"))
-            if kind not in ROPE_TYPES:
-                raise ValueError(f"{path}: field 'rope_scaling' has rope_type {kind!r}; supported: {ROPE_TYPES} "
-                                 f"('dynamic' NTK scaling changes the frequencies with the sequence length, "
-                                 f"which a KV cache cannot follow exactly)")
-        return args
-
-    def to_hf_config(self) -> dict:
-        cfg = {
-            "architectures": [HF_ARCHITECTURES[self.model_type][self.head]],
-            "model_type": self.model_type,
-            "hidden_size": self.dim,
-            "num_hidden_layers": self.n_layers,
-            "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.n_kv_heads,
-            "head_dim": self.head_dim,
-            "vocab_size": self.vocab_size,
-            "intermediate_size": self.hidden_dim,
-            "rms_norm_eps": self.norm_eps,
-            "rope_theta": self.rope_theta,
-            "rope_scaling": self.rope_scaling,
-            "max_position_embeddings": self.max_seq_len,
-            "tie_word_embeddings": self.tie_embeddings,
-            "hidden_act": "silu",
-            "attention_bias": self.attention_bias,
-            "mlp_bias": self.mlp_bias,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-            "pad_token_id": self.pad_token_id,
-        }
-        if self.added_tokens:  # the embedding grew for these (train.load_model): the checkpoint says so
-            cfg["rto_added_tokens"] = list(self.added_tokens)
-        if self.model_type == "mistral":
-            cfg["sliding_window"] = self.sliding_window
-            del cfg["attention_bias"], cfg["mlp_bias"]  # Mistral has neither (always False, checked at load)
-        if self.head == "score":
-            cfg["num_labels"] = 1
-            cfg["rto_score_mean"], cfg["rto_score_std"] = self.score_mean, self.score_std
-        return cfg
-
-
-# model_type -> our head -> the HF architecture. Mistral without a sliding window is Llama under another name.
-HF_ARCHITECTURES = {
-    "llama": {"lm": "LlamaForCausalLM", "score": "LlamaForSequenceClassification"},
-    "mistral": {"lm": "MistralForCausalLM", "score": "MistralForSequenceClassification"},
-}
-# rope_scaling types: "llama3" (Llama-3.1's long-context rescaling), "linear" (position interpolation), none
-ROPE_TYPES = ("default", "linear", "llama3")
 
 PRESETS = {
     # a few-hundred-KB model for unit tests and CPU demos
@@ -203,39 +92,6 @@ PRESETS = {
     "llama3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=14336,
                       rope_theta=500000.0, max_seq_len=8192),
 }
-
-# Our parameter name -> the Hugging Face name ("{}" is the layer index). Loading is strict against this map.
-HF_NAMES = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "layers.{}.attention_norm.weight": "model.layers.{}.input_layernorm.weight",
-    "layers.{}.attention.wq.weight": "model.layers.{}.self_attn.q_proj.weight",
-    "layers.{}.attention.wk.weight": "model.layers.{}.self_attn.k_proj.weight",
-    "layers.{}.attention.wv.weight": "model.layers.{}.self_attn.v_proj.weight",
-    "layers.{}.attention.wo.weight": "model.layers.{}.self_attn.o_proj.weight",
-    "layers.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
-    "layers.{}.feed_forward.w1.weight": "model.layers.{}.mlp.gate_proj.weight",
-    "layers.{}.feed_forward.w2.weight": "model.layers.{}.mlp.down_proj.weight",
-    "layers.{}.feed_forward.w3.weight": "model.layers.{}.mlp.up_proj.weight",
-    "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "score.weight": "score.weight",
-    # attention_bias / mlp_bias checkpoints only
-    "layers.{}.attention.wq.bias": "model.layers.{}.self_attn.q_proj.bias",
-    "layers.{}.attention.wk.bias": "model.layers.{}.self_attn.k_proj.bias",
-    "layers.{}.attention.wv.bias": "model.layers.{}.self_attn.v_proj.bias",
-    "layers.{}.attention.wo.bias": "model.layers.{}.self_attn.o_proj.bias",
-    "layers.{}.feed_forward.w1.bias": "model.layers.{}.mlp.gate_proj.bias",
-    "layers.{}.feed_forward.w2.bias": "model.layers.{}.mlp.down_proj.bias",
-    "layers.{}.feed_forward.w3.bias": "model.layers.{}.mlp.up_proj.bias",
-}
-
-
-def hf_name(name: str) -> str:
-    """Our state-dict key -> the HF key, e.g. 'layers.3.attention.wq.weight' -> 'model.layers.3.self_attn.q_proj.weight'."""
-    parts = name.split(".")
-    if parts[0] == "layers":
-        return HF_NAMES[".".join(["layers", "{}"] + parts[2:])].format(parts[1])
-    return HF_NAMES[name]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -433,206 +289,6 @@ class Llama(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-    # ------------------------------------------------------------------------------------------------------
-    # Hugging Face format: config.json + model.safetensors (or shards + model.safetensors.index.json)
-
-    def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        sd = {}
-        for name, t in self.state_dict().items():
-            if name == "output.weight" and self.args.tie_embeddings:
-                continue  # tied: HF stores only the embedding
-            sd[hf_name(name)] = t
-        return sd
-
-    def save_pretrained(self, path, max_shard_bytes: int = 2 * 1024**3, extra_files: dict[str, str] | None = None):
-        """Write an HF-format checkpoint atomically: into a temporary sibling directory, then renamed."""
-        save_hf_checkpoint(self.hf_state_dict(), self.args.to_hf_config(), path, max_shard_bytes, extra_files)
-
-    @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype: torch.dtype | None = None, head: str | None = None) -> "Llama":
-        """Strict load of an HF Llama directory, one tensor at a time. head="score" on a causal-LM checkpoint keeps
-        the backbone and starts a new scalar head (a reward model or critic initialised from the SFT model)."""
-        args, sources = plan_load(path, head)
-        with torch.device("meta"):
-            model = cls(args)
-        ours = {n: read_source(sources[n]) for n, _ in model.named_parameters()}
-        ours = {n: t.to(device=device, dtype=dtype or t.dtype) for n, t in ours.items()}
-        if args.tie_embeddings:  # the output weight is the embedding tensor itself
-            ours["output.weight"] = ours["tok_embeddings.weight"]
-        model.load_state_dict(ours, strict=True, assign=True)
-        if args.tie_embeddings:  # assign=True replaced the Parameter objects: tie them again
-            model.output.weight = model.tok_embeddings.weight
-        return model
-
-
-@dataclass
-class Source:
-    """Where one of our parameters comes from: tensor `key` of safetensors `file`, or (key None) the new score
-    head of a reward model started from a causal LM, drawn from a fixed seed in `dtype`."""
-    file: Path | None
-    key: str | None
-    shape: tuple
-    dtype: str  # the checkpoint's dtype name, e.g. "BF16"
-
-
-def read_config(path) -> ModelArgs:
-    path = Path(path)
-    cfg_path = path / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path}: not found (expected a Hugging Face checkpoint directory)")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg_path}: not valid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{cfg_path}: expected a JSON object")
-    return ModelArgs.from_hf_config(cfg, str(cfg_path))
-
-
-def plan_load(path, head: str | None = None) -> tuple[ModelArgs, dict[str, Source]]:
-    """The model's args and, for each of our parameters (tied output excluded), where its values are: checked
-    strictly against config.json (missing, unexpected, mis-shaped tensors) from the safetensors headers alone,
-    before any tensor data is read."""
-    path = Path(path)
-    args = read_config(path)
-    headers = safetensors_headers(path)
-    new_score = head is not None and head != args.head
-    if new_score:
-        if head != "score":
-            raise ValueError(f"{path}: a reward-model checkpoint cannot be loaded as a language model")
-        headers.pop("lm_head.weight", None)
-        args = ModelArgs(**{**asdict(args), "head": "score", "tie_embeddings": False})
-    with torch.device("meta"):
-        model = Llama(args)
-    expected = {hf_name(n): (n, tuple(p.shape)) for n, p in model.named_parameters()}
-    if new_score:
-        headers["score.weight"] = (None, (1, args.dim), headers["model.norm.weight"][2])
-    missing = sorted(set(expected) - set(headers))
-    unexpected = sorted(set(headers) - set(expected))
-    if missing or unexpected:
-        raise KeyError(f"{path}: checkpoint does not match config.json: missing tensors {missing[:8]}"
-                       f"{' ...' if len(missing) > 8 else ''}, unexpected tensors {unexpected[:8]}"
-                       f"{' ...' if len(unexpected) > 8 else ''}")
-    sources = {}
-    for key, (ours, shape) in expected.items():
-        file, got, dt = headers[key]
-        if tuple(got) != shape:
-            raise ValueError(f"{path}: tensor '{key}' has shape {tuple(got)}, config.json implies {shape}")
-        sources[ours] = Source(file, key if file is not None else None, shape, dt)
-    return args, sources
-
-
-DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-
-
-def read_source(src: Source, rows: tuple[int, int] | None = None) -> torch.Tensor:
-    """Rows [start, end) of a parameter (all of it with rows None), read straight from its file: safetensors slices
-    read only those bytes, so a rank that owns one shard never holds the whole tensor. Non-finite values are an
-    error that names the tensor."""
-    start, end = rows or (0, src.shape[0])
-    if src.key is None:  # the new score head: small, so the first scores are near 0; the same on every rank
-        g = torch.Generator().manual_seed(0)
-        full = (torch.randn(*src.shape, generator=g) / math.sqrt(src.shape[1] + 1)).to(DTYPES.get(src.dtype))
-        return full[start:end]
-    from safetensors import safe_open
-
-    with safe_open(str(src.file), framework="pt") as f:
-        t = f.get_slice(src.key)[start:end]
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{src.file.parent}: tensor '{src.key}' holds NaN or infinite values; refusing a damaged "
-                         f"checkpoint")
-    return t
-
-
-def safetensors_headers(path: Path) -> dict[str, tuple[Path, tuple, str]]:
-    """hf key -> (file, shape, dtype) for model.safetensors, or the shards named by model.safetensors.index.json;
-    only the headers are read. A truncated or foreign file names itself instead of a bare SafetensorError."""
-    from safetensors import safe_open
-
-    def header(f):
-        try:
-            with safe_open(str(f), framework="pt") as h:
-                return {k: (f, tuple(h.get_slice(k).get_shape()), h.get_slice(k).get_dtype()) for k in h.keys()}
-        except Exception as e:
-            raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
-
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{index}: not a valid index ({e.__class__.__name__}: {e})") from None
-        out = {}
-        for shard in sorted(set(weight_map.values())):
-            part = header(path / shard)
-            stray = sorted(set(part) - {k for k, v in weight_map.items() if v == shard})
-            if stray:
-                raise KeyError(f"{path / shard}: tensors {stray[:8]} are not listed for this shard in {index}")
-            out.update(part)
-        missing = sorted(set(weight_map) - set(out))
-        if missing:
-            raise KeyError(f"{index}: lists tensors {missing[:8]} that no shard contains")
-        return out
-    single = path / "model.safetensors"
-    if not single.is_file():
-        raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
-    return header(single)
-
-
-def save_hf_checkpoint(sd: dict, config: dict, path, max_shard_bytes: int, extra_files: dict | None = None):
-    """Write an HF checkpoint into path.tmp, then swap it into place (replace_dir): a failure leaves path as it was."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        _write_hf_checkpoint(sd, config, tmp, max_shard_bytes, extra_files)
-    except OSError as e:  # a full disk or a read-only directory: the old checkpoint at `path` is untouched
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(e.errno, f"could not write {path}: {e.strerror or e} ({e.filename or tmp}); "
-                               f"anything already at {path} is untouched") from None
-    replace_dir(tmp, path)
-
-
-def _write_hf_checkpoint(sd: dict, config: dict, tmp: Path, max_shard_bytes: int, extra_files: dict | None):
-    from safetensors.torch import save_file
-
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    # split into shards of at most max_shard_bytes (a single tensor larger than that gets its own shard)
-    shards, size = [[]], 0
-    for name in sorted(sd):
-        nbytes = sd[name].numel() * sd[name].element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    dtype = str(next(iter(sd.values())).dtype).removeprefix("torch.")
-    (tmp / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype}, indent=2) + "\n")
-    if len(shards) == 1:
-        save_file({n: sd[n].detach().contiguous().cpu() for n in shards[0]}, tmp / "model.safetensors",
-                  metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, names in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file({n: sd[n].detach().contiguous().cpu() for n in names}, tmp / fname, metadata={"format": "pt"})
-            weight_map.update({n: fname for n in names})
-        total = sum(t.numel() * t.element_size() for t in sd.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    for name, text in (extra_files or {}).items():
-        (tmp / name).write_text(text, encoding="utf-8")
-
-
-def replace_dir(tmp: Path, path: Path):
-    """Swap a fully written directory into place; until the final rename the old one stays intact."""
-    old = path.with_name(path.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------------------

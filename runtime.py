@@ -25,8 +25,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import Tokenizer
-from model import Llama, ModelArgs, hf_name, replace_dir, resize_vocab, save_hf_checkpoint
+import hf
+from hf import Tokenizer
+from model import Llama, ModelArgs, resize_vocab
 
 
 class UserError(ValueError):
@@ -121,8 +122,8 @@ def shard(model: Llama, cfg, frozen: bool = False) -> Llama:
     """
     if not any(p.is_meta for p in model.parameters()):
         model.to(D.device)
-    model.grad_checkpointing = cfg.activation_checkpointing
-    if D.world == 1 and not cfg.bf16:
+    model.grad_checkpointing = getattr(cfg, "activation_checkpointing", False)
+    if D.world == 1 and not getattr(cfg, "bf16", False):
         return model
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
@@ -301,7 +302,7 @@ def save_checkpoint(run_dir: Path, step: int, models: dict, optims: dict, scheds
         digests = hash_files(tmp, checkpoint_files(tmp))  # every rank hashes its share
         if D.main:
             write_manifest(tmp, digests)  # last: a checkpoint without a manifest was never completed
-            replace_dir(tmp, final)  # the commit point (an earlier run's step_N in this directory is swapped out)
+            hf.replace_dir(tmp, final)  # the commit point (an earlier run's step_N in this directory is swapped out)
             for old in ckpt_dir.glob("step_*"):
                 if old != final:
                     shutil.rmtree(old, ignore_errors=True)
@@ -376,11 +377,10 @@ def export_hf(model: Llama, tok: Tokenizer, path: Path, cfg):
     check_weights("export", {"model": model})
     sd = full_state_dict(model)
     if D.main:
-        args = model.args
-        sd = {hf_name(k): v for k, v in sd.items() if not (k == "output.weight" and args.tie_embeddings)}
         extra = {**tok.hf_files(), "generation_config.json": tok.generation_config_json(),
                  "train_config.json": config_json(cfg)}
-        save_hf_checkpoint(sd, args.to_hf_config(), path, 2 * 1024**3, extra)
+        hf.save_hf_checkpoint(hf.hf_state_dict(sd, model.args), hf.config_from_args(model.args), path, 2 * 1024**3,
+                              extra)
     barrier()
 
 
@@ -398,63 +398,30 @@ def open_model(path: str, head: str, cfg, tok: Tokenizer | None = None, frozen: 
     the tokenizer.
 
     Built on the meta device, sharded (FSDP2 when several processes or --bf16), then each rank fills only its own
-    shard of each parameter straight from the safetensors files (model.read_source reads just those rows), so no
+    shard of each parameter straight from the safetensors files (hf.fill reads just those rows), so no
     rank ever holds a whole model on its host or its GPU, and the values are bitwise those of a full load.
     Trained models are stored in fp32 whatever the checkpoint holds (HF Llama-3 ships bf16): they are the master
     weights AdamW updates (in bf16, 0.02 - 5e-7 == 0.02). Frozen ones (reference, DPO model, reward model) are
     stored in bf16 under --bf16: nothing updates them, and their log-probs are still taken in fp32.
     """
-    from model import plan_load, read_source
-
     if not path:  # a new model: small by construction, initialised on the host from the seed
         torch.manual_seed(cfg.seed)
         model = Llama(ModelArgs.preset(cfg.preset, vocab_size=tok.vocab_size, head=head))
         describe_tokenizer(model, tok, path)
         return finish(shard(model, cfg, frozen), frozen)
-    args, sources = plan_load(path, head)
+    args, sources = hf.plan_load(path, head)
     with torch.device("meta"):
         model = Llama(args)
-    old_rows = args.vocab_size
+    old_rows = args.vocab_size  # the checkpoint's rows (describe_tokenizer may grow model.args.vocab_size)
     describe_tokenizer(model, tok, path)  # may grow the vocabulary (a new pad token) on meta: no memory yet
-    dtype = torch.bfloat16 if frozen and cfg.bf16 else torch.float32
+    dtype = torch.bfloat16 if frozen and getattr(cfg, "bf16", False) else torch.float32
     model = shard(model.to(dtype), cfg, frozen)  # (on meta: only the dtype the shards will be allocated in)
     offload = frozen and getattr(cfg, "offload_frozen", False)
     model.to_empty(device="cpu" if offload else D.device)
     if args.tie_embeddings and not hasattr(model.output.weight, "to_local"):
         model.output.weight = model.tok_embeddings.weight  # to_empty keeps the tie; say it, for the unsharded case
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            local = p.to_local() if hasattr(p, "to_local") else p.data
-            start, end = shard_rows(p)
-            src = sources[name]
-            have = min(end, old_rows) if name in ("tok_embeddings.weight", "output.weight") else end
-            if start < have:
-                local[:have - start].copy_(read_source(src, (start, have)).to(dtype))
-            if end > have:  # rows for tokens added here: the mean of the checkpoint's rows (model.resize_vocab)
-                local[max(0, have - start):].copy_(mean_row(src, old_rows).to(dtype).expand(end - max(have, start), -1))
+    hf.fill(model, sources, dtype, old_rows)  # each rank reads only its own rows
     return finish(model, frozen)
-
-
-def shard_rows(p) -> tuple[int, int]:
-    """The rows [start, end) of parameter p this rank holds: FSDP2 shards dim 0 like torch.chunk (equal chunks of
-    ceil(n / world) rows, the last ranks' shorter or empty); an unsharded parameter: all of them."""
-    n = p.shape[0]
-    if not hasattr(p, "to_local"):
-        return 0, n
-    mesh = p.device_mesh
-    size, rank = mesh.size(), mesh.get_local_rank()
-    chunk = -(-n // size)
-    start, end = min(rank * chunk, n), min((rank + 1) * chunk, n)
-    assert p.to_local().shape[0] == end - start, (p.to_local().shape, start, end)  # FSDP2's layout, as assumed
-    return start, end
-
-
-def mean_row(src, rows: int, block: int = 8192) -> torch.Tensor:
-    """The mean of a parameter's first `rows` rows, read in blocks (float64 sums, as model.resize_vocab)."""
-    from model import read_source
-
-    total = sum(read_source(src, (i, min(i + block, rows))).double().sum(0) for i in range(0, rows, block))
-    return (total / rows).float()[None]
 
 
 def describe_tokenizer(model: Llama, tok: Tokenizer | None, path: str):
@@ -489,7 +456,7 @@ def check_slot(path: str, flag: str, want: str | None, policy: str | None = None
     model, None: either) and, when policy is given, speaks the policy's vocabulary (same tokens, same ids)."""
     import tokenizers
 
-    from data import read_json_file
+    from hf import read_json_file
 
     cfg = read_json_file(Path(path) / "config.json")
     if cfg is None:

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 import train
-from data import Tokenizer, read_prompts
+from data import read_prompts
+from hf import Tokenizer
 from runtime import D, init_dist, open_model, print0
 
 # two-sided 95% Student-t quantiles for n - 1 degrees of freedom (the interval over n seeds)

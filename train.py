@@ -36,9 +36,10 @@ import dpo as dpo_math
 import ppo as ppo_math
 import reward as rm_math
 import rto
-from data import (TASKS, DataError, Tokenizer, WordTask, collate, pad_left, read_preferences, read_prompts, read_sft,
-                  train_tokenizer)
-from model import Llama, generate, read_config
+import hf
+from data import TASKS, DataError, WordTask, collate, pad_left, read_preferences, read_prompts, read_sft
+from hf import Tokenizer, train_tokenizer
+from model import Llama, generate
 from runtime import (D, Logger, UserError, all_max, all_sum, barrier, check_finite, check_range, check_slot, close_dist,
                      config_json, export_hf, gathered, init_dist, latest_checkpoint, load_checkpoint, open_model,
                      open_tokenizer, print0, reduce_metrics, release_locks, save_checkpoint, start_run,
@@ -506,7 +507,7 @@ def run_ppo(cfg: PPOConfig, gold=None) -> Path:
     slots = {"actor": (cfg.policy, True, "lm"), "ref": (cfg.policy, False, "lm"), "dpo": (cfg.dpo, False, "lm"),
              "rm": (cfg.rm, False, "score"), "critic": (critic_path, True, "score")}
     used = {k: v for k, v in slots.items() if (k != "dpo" or uses_dpo) and (k != "rm" or uses_rm)}
-    plan = memory_plan({k: (dataclasses.replace(read_config(p), head=h, tie_embeddings=read_config(p).tie_embeddings
+    plan = memory_plan({k: (dataclasses.replace(hf.read_config(p), head=h, tie_embeddings=hf.read_config(p).tie_embeddings
                                                  and h == "lm"), trained) for k, (p, trained, h) in used.items()},
                        cfg, cfg.plan_world or D.world, cfg.max_prompt_len)
     print0(plan_text(plan))
@@ -895,7 +896,7 @@ def run_sample(cfg: SampleConfig):
         raise UserError("give --model DIR and at least one --prompt TEXT")
     check_slot(cfg.model, "model", "lm")
     tok = open_tokenizer(cfg.model)
-    model = Llama.from_pretrained(cfg.model, device=D.device, dtype=torch.bfloat16 if cfg.bf16 else None).eval()
+    model = open_model(cfg.model, "lm", cfg, tok, frozen=True)  # the one loader every stage uses
     prompts = [tok.encode_prompt([{"role": "user", "content": p}], model.args.max_seq_len) for p in cfg.prompt
                for _ in range(cfg.n)]
     ids, mask = pad_left(prompts, tok.pad_id)
@@ -969,8 +970,8 @@ def run_explain(cfg: ExplainConfig):
     check_slot(cfg.dpo, "dpo", "lm")
     check_slot(cfg.ref, "ref", "lm", policy=cfg.dpo)
     tok = open_tokenizer(cfg.dpo)
-    dpo_model = Llama.from_pretrained(cfg.dpo, device=D.device).eval()
-    ref = Llama.from_pretrained(cfg.ref, device=D.device).eval()
+    dpo_model = open_model(cfg.dpo, "lm", cfg, tok, frozen=True)
+    ref = open_model(cfg.ref, "lm", cfg, tok, frozen=True)
     task = WordTask(seed=cfg.task_seed, **TASKS[cfg.task]) if cfg.task else None
     msgs = [[{"role": "user", "content": p}] for p in cfg.prompt]
     prompts = [tok.encode_prompt(m, dpo_model.args.max_seq_len // 2) for m in msgs]

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import train
-from data import Tokenizer, collate
+import hf
+from data import collate
+from hf import Tokenizer
 from model import Llama, ModelArgs
 
 CHAT = Path(__file__).parent / "fixtures" / "chat"
@@ -38,7 +40,7 @@ def make_checkpoint(layout: str, dst: Path, seed: int = 0, spare_rows: int | Non
                      model_type="mistral" if layout == "mistral" else "llama",
                      bos_token_id=exp["bos_token_id"], eos_token_id=exp["generation_eos_token_id"],
                      pad_token_id=exp["pad_token_id"])
-    Llama(args).save_pretrained(dst)
+    hf.save(Llama(args), dst)
     for name in TOKENIZER_FILES:
         if (CHAT / layout / name).is_file():
             shutil.copy(CHAT / layout / name, dst / name)
@@ -172,7 +174,7 @@ def test_pad_equal_to_eos_policy_learns_to_stop(tmp_path):
     train.main(["sft", "--model", str(base), "--data", str(data), "--out", str(tmp_path / "sft"), "--lr", "3e-2",
                 "--max_steps", "40", "--batch_size", "8", "--micro_batch_size", "8", "--no-progress"])
     tok = Tokenizer.from_dir(tmp_path / "sft" / "final")
-    model = Llama.from_pretrained(tmp_path / "sft" / "final").eval()
+    model = hf.load(tmp_path / "sft" / "final").eval()
     from model import generate
     p = torch.tensor([tok.encode_prompt([{"role": "user", "content": "Say hi."}], 64)])
     toks, mask = generate(model, p, torch.ones_like(p), 12, stop_ids=tok.stop_ids, pad_id=tok.pad_id, temperature=0)

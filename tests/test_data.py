@@ -11,8 +11,9 @@ import torch
 from tokenizers import Regex, models, pre_tokenizers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import (DataError, PrefRow, PromptRow, SFTRow, Tokenizer, WordTask, collate, pad_left,  # noqa: E402
-                  read_preferences, read_prompts, read_sft, train_tokenizer)
+from data import (DataError, PrefRow, PromptRow, SFTRow, WordTask, collate, pad_left,  # noqa: E402
+                  read_preferences, read_prompts, read_sft)
+from hf import Tokenizer, train_tokenizer  # noqa: E402
 
 
 def write_lines(tmp_path, lines, name="d.jsonl"):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import hf
 from model import Llama, ModelArgs, generate, resize_vocab, rope_inv_freq, sample_next
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -22,7 +23,7 @@ def tiny(**kw):
 
 @pytest.mark.parametrize("name", ["llama_gqa", "llama_tied", "llama_bias", "mistral"])
 def test_logits_match_hf_reference(name):
-    model = Llama.from_pretrained(FIXTURES / name).eval()
+    model = hf.load(FIXTURES / name).eval()
     ref = load_file(FIXTURES / name / "reference.safetensors")
     with torch.no_grad():
         logits, hidden = model(ref["input_ids"], ref["attention_mask"], return_hidden=True)
@@ -35,29 +36,29 @@ def test_logits_match_hf_reference(name):
 
 
 def test_config_fields_read_from_hf():
-    gqa = Llama.from_pretrained(FIXTURES / "llama_gqa").args
+    gqa = hf.load(FIXTURES / "llama_gqa").args
     assert gqa.n_kv_heads < gqa.n_heads and gqa.rope_scaling["rope_type"] == "llama3" and not gqa.tie_embeddings
-    tied = Llama.from_pretrained(FIXTURES / "llama_tied")
+    tied = hf.load(FIXTURES / "llama_tied")
     assert tied.args.tie_embeddings and tied.output.weight is tied.tok_embeddings.weight
 
 
 def test_head_dim_biases_linear_rope_and_mistral_read_and_written_back(tmp_path):
-    bias = Llama.from_pretrained(FIXTURES / "llama_bias")
+    bias = hf.load(FIXTURES / "llama_bias")
     a = bias.args
     assert a.head_dim == 32 != a.dim // a.n_heads and a.attention_bias and a.mlp_bias
     assert bias.layers[0].attention.wo.bias is not None and bias.layers[0].feed_forward.w2.bias is not None
     assert a.rope_scaling["rope_type"] == "linear"
-    mistral = Llama.from_pretrained(FIXTURES / "mistral")
+    mistral = hf.load(FIXTURES / "mistral")
     assert mistral.args.model_type == "mistral" and mistral.args.sliding_window is None
     for name, model in (("bias", bias), ("mistral", mistral)):
-        model.save_pretrained(tmp_path / name)
+        hf.save(model, tmp_path / name)
         cfg = json.loads((tmp_path / name / "config.json").read_text())
         src = json.loads((FIXTURES / ("llama_bias" if name == "bias" else "mistral") / "config.json").read_text())
         for key in ("architectures", "model_type", "head_dim", "attention_bias", "mlp_bias", "rope_scaling",
                     "sliding_window"):
             if key in src and src[key] is not None:
                 assert cfg[key] == src[key], key
-        again = Llama.from_pretrained(tmp_path / name)
+        again = hf.load(tmp_path / name)
         for k, v in model.state_dict().items():
             assert torch.equal(again.state_dict()[k], v), k
 
@@ -74,21 +75,21 @@ def test_head_dim_biases_linear_rope_and_mistral_read_and_written_back(tmp_path)
     ({"num_hidden_layers": 0}, "field 'num_hidden_layers' is 0"),
 ])
 def test_unsupported_configs_name_the_field(tmp_path, change, words):
-    tiny().save_pretrained(tmp_path / "ckpt")
+    hf.save(tiny(), tmp_path / "ckpt")
     cfg_path = tmp_path / "ckpt" / "config.json"
     cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), **change}))
     with pytest.raises(ValueError) as e:
-        Llama.from_pretrained(tmp_path / "ckpt")
+        hf.load(tmp_path / "ckpt")
     assert words in str(e.value) and str(cfg_path) in str(e.value)
 
 
 def test_mistral_sliding_window_at_least_the_context_is_accepted(tmp_path):
-    tiny().save_pretrained(tmp_path / "ckpt")
+    hf.save(tiny(), tmp_path / "ckpt")
     cfg_path = tmp_path / "ckpt" / "config.json"
     cfg = {**json.loads(cfg_path.read_text()), "model_type": "mistral", "architectures": ["MistralForCausalLM"],
            "sliding_window": 512, "max_position_embeddings": 512}
     cfg_path.write_text(json.dumps(cfg))
-    assert Llama.from_pretrained(tmp_path / "ckpt").args.sliding_window == 512
+    assert hf.load(tmp_path / "ckpt").args.sliding_window == 512
 
 
 def test_resize_vocab_keeps_old_rows_and_ties(tmp_path):
@@ -102,19 +103,19 @@ def test_resize_vocab_keeps_old_rows_and_ties(tmp_path):
         assert model.output.weight.shape == (515, 64)
         assert (model.output.weight is emb) == bool(kw)
         assert model(torch.tensor([[1, 514]])).shape == (1, 2, 515)
-        model.save_pretrained(tmp_path / "r")
-        assert Llama.from_pretrained(tmp_path / "r").args.vocab_size == 515
+        hf.save(model, tmp_path / "r")
+        assert hf.load(tmp_path / "r").args.vocab_size == 515
 
 
 def test_llama3_rope_scaling_changes_some_frequencies():
-    args = Llama.from_pretrained(FIXTURES / "llama_gqa").args
+    args = hf.load(FIXTURES / "llama_gqa").args
     plain = rope_inv_freq(ModelArgs(**{**args.__dict__, "rope_scaling": None}))
     scaled = rope_inv_freq(args)
     assert (scaled != plain).any() and (scaled == plain).any()
 
 
 def test_score_head_matches_hf_sequence_classification():
-    model = Llama.from_pretrained(FIXTURES / "llama_score").eval()
+    model = hf.load(FIXTURES / "llama_score").eval()
     assert model.args.head == "score"
     ref = load_file(FIXTURES / "llama_score" / "reference.safetensors")
     with torch.no_grad():
@@ -236,8 +237,8 @@ def test_top_k_and_top_p_filters():
 def test_save_load_round_trip(tmp_path, kw):
     model = tiny(**kw)
     ids = torch.randint(3, 512, (2, 6))
-    model.save_pretrained(tmp_path / "ckpt")
-    again = Llama.from_pretrained(tmp_path / "ckpt").eval()
+    hf.save(model, tmp_path / "ckpt")
+    again = hf.load(tmp_path / "ckpt").eval()
     with torch.no_grad():
         assert torch.equal(model(ids), again(ids))
     cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
@@ -247,23 +248,23 @@ def test_save_load_round_trip(tmp_path, kw):
 
 def test_sharded_save_load(tmp_path):
     model = tiny()
-    model.save_pretrained(tmp_path / "ckpt", max_shard_bytes=100_000)
+    hf.save(model, tmp_path / "ckpt", max_shard_bytes=100_000)
     index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
-    again = Llama.from_pretrained(tmp_path / "ckpt")
+    again = hf.load(tmp_path / "ckpt")
     for (n, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), n
 
 
 def test_save_overwrites_atomically(tmp_path):
     model = tiny()
-    model.save_pretrained(tmp_path / "ckpt")
-    model.save_pretrained(tmp_path / "ckpt")  # replacing an existing checkpoint
+    hf.save(model, tmp_path / "ckpt")
+    hf.save(model, tmp_path / "ckpt")  # replacing an existing checkpoint
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
 def corrupt(tmp_path, fn):
-    tiny().save_pretrained(tmp_path / "ckpt")
+    hf.save(tiny(), tmp_path / "ckpt")
     f = tmp_path / "ckpt" / "model.safetensors"
     sd = load_file(f)
     fn(sd)
@@ -274,32 +275,32 @@ def corrupt(tmp_path, fn):
 def test_strict_load_missing_tensor(tmp_path):
     path = corrupt(tmp_path, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(KeyError, match=r"missing tensors \['model.layers.1.mlp.up_proj.weight'\]"):
-        Llama.from_pretrained(path)
+        hf.load(path)
 
 
 def test_strict_load_unexpected_tensor(tmp_path):
     path = corrupt(tmp_path, lambda sd: sd.__setitem__("model.layers.9.foo.weight", torch.zeros(2)))
     with pytest.raises(KeyError, match=r"unexpected tensors \['model.layers.9.foo.weight'\]"):
-        Llama.from_pretrained(path)
+        hf.load(path)
 
 
 def test_strict_load_wrong_shape(tmp_path):
     path = corrupt(tmp_path, lambda sd: sd.__setitem__("model.norm.weight", torch.ones(65)))
     with pytest.raises(ValueError, match=r"'model.norm.weight' has shape \(65,\).*\(64,\)"):
-        Llama.from_pretrained(path)
+        hf.load(path)
 
 
 def test_bad_config_is_named(tmp_path):
-    tiny().save_pretrained(tmp_path / "ckpt")
+    hf.save(tiny(), tmp_path / "ckpt")
     cfg_path = tmp_path / "ckpt" / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["hidden_act"] = "gelu"
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"config.json: field 'hidden_act' is 'gelu'"):
-        Llama.from_pretrained(tmp_path / "ckpt")
+        hf.load(tmp_path / "ckpt")
     shutil.rmtree(tmp_path / "ckpt")
     with pytest.raises(FileNotFoundError, match="config.json"):
-        Llama.from_pretrained(tmp_path / "ckpt")
+        hf.load(tmp_path / "ckpt")
 
 
 def test_activation_checkpointing_same_gradients():
@@ -322,7 +323,7 @@ def test_transformers5_rope_parameters_config(tmp_path):
     cfg["rope_parameters"] = {**cfg.pop("rope_scaling"), "rope_theta": cfg.pop("rope_theta")}
     (tmp_path / "v5" / "config.json").write_text(json.dumps(cfg))
     ref = load_file(src / "reference.safetensors")
-    model = Llama.from_pretrained(tmp_path / "v5").eval()
+    model = hf.load(tmp_path / "v5").eval()
     assert model.args.rope_theta == 500000.0 and model.args.rope_scaling["factor"] == 8.0
     with torch.no_grad():
         logits = model(ref["input_ids"], ref["attention_mask"])

@@ -54,7 +54,7 @@ EXPECTED = {
 
 
 def run(algo, **overrides):
-    kw = dict(logp=LOGP, logp_ref=LOGP_REF, mask=MASK, rm_score=RM_SCORE, logp_dpo=LOGP_DPO,
+    kw = dict(logp=LOGP, logp_anchor=LOGP_REF, logp_ref=LOGP_REF, mask=MASK, rm_score=RM_SCORE, logp_dpo=LOGP_DPO,
               delimiter_mask=DELIM, ended=ENDED, **KW)
     kw.update(overrides)
     return dense_rewards(algo, **kw)

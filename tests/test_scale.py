@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import hf
 import runtime
 import train
 from model import Llama, ModelArgs, resize_vocab
@@ -26,7 +27,7 @@ FIX = ROOT / "tests" / "fixtures"
                                        ("llama_score", "score"), ("llama_bias", "lm"), ("mistral", "lm")])
 def test_open_model_is_bitwise_a_full_load(name, head):
     a = runtime.open_model(str(FIX / name), head, train.PPOConfig())
-    b = Llama.from_pretrained(FIX / name, head=head, dtype=torch.float32)
+    b = hf.load(FIX / name, head=head, dtype=torch.float32)
     assert a.state_dict().keys() == b.state_dict().keys()
     for k, v in b.state_dict().items():
         assert a.state_dict()[k].dtype == torch.float32 and torch.equal(a.state_dict()[k], v), k
@@ -40,7 +41,7 @@ def test_open_model_grows_the_vocabulary_like_resize_vocab(tmp_path):
     tok = train.open_tokenizer(str(base))
     assert tok.added_tokens == ["<|pad|>"]
     a = runtime.open_model(str(base), "lm", train.PPOConfig(), tok)
-    b = resize_vocab(Llama.from_pretrained(base, dtype=torch.float32), tok.vocab_size)
+    b = resize_vocab(hf.load(base, dtype=torch.float32), tok.vocab_size)
     for k, v in b.state_dict().items():
         torch.testing.assert_close(a.state_dict()[k], v, rtol=0, atol=1e-7)
 
@@ -63,13 +64,13 @@ LOAD_SCRIPT = textwrap.dedent("""
     if mode == "sharded":
         model = runtime.open_model(path, "lm", train.PPOConfig())
     else:  # the old way: every rank loads the whole model in fp32, then shards it
-        model = Llama.from_pretrained(path, dtype=torch.float32)
+        model = hf.load(path, dtype=torch.float32)
     peak = hwm()
     res = {{"rank": runtime.D.rank, "base": base, "peak": peak}}
     if mode == "sharded":
         full = runtime.full_state_dict(model)  # gathered on rank 0, after the measurement
         if runtime.D.main:
-            ref = Llama.from_pretrained(path, dtype=torch.float32).state_dict()
+            ref = hf.load(path, dtype=torch.float32).state_dict()
             res["bitwise"] = full.keys() == ref.keys() and all(torch.equal(full[k], ref[k]) for k in ref)
     json.dump(res, open(f"{{out}}.{{runtime.D.rank}}.json", "w"))
     runtime.close_dist(True)
@@ -86,7 +87,7 @@ def big(tmp_path_factory):
         n = Llama(args).num_params()
     torch.manual_seed(0)
     model = Llama(args).to(torch.bfloat16)
-    model.save_pretrained(d / "ckpt", max_shard_bytes=150 * 2**20)  # sharded, with an index, as big checkpoints are
+    hf.save(model, d / "ckpt", max_shard_bytes=150 * 2**20)  # sharded, with an index, as big checkpoints are
     del model
     return d / "ckpt", n
 
@@ -153,11 +154,11 @@ def test_critic_smaller_than_actor(tmp_path):
     sft = tmp_path / "sft" / "final"
     train.main(["dpo", "--model", str(sft), "--data", str(data["prefs"]), "--out", str(tmp_path / "dpo"), *small])
     train.main(["rm", "--model", str(sft), "--data", str(data["prefs"]), "--out", str(tmp_path / "rm"), *small])
-    actor_args = Llama.from_pretrained(sft).args
+    actor_args = hf.load(sft).args
     critic_dir = tmp_path / "critic"
     torch.manual_seed(1)
-    Llama(ModelArgs(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=actor_args.vocab_size, hidden_dim=48,
-                    rope_theta=10000.0, max_seq_len=512, head="score")).save_pretrained(critic_dir)
+    hf.save(Llama(ModelArgs(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=actor_args.vocab_size, hidden_dim=48,
+                    rope_theta=10000.0, max_seq_len=512, head="score")), critic_dir)
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(sft / f, critic_dir / f)
     train.main(["ppo", "--algo", "rto", "--policy", str(sft), "--dpo", str(tmp_path / "dpo" / "final"), "--rm",
@@ -165,7 +166,7 @@ def test_critic_smaller_than_actor(tmp_path):
                 "--out", str(tmp_path / "ppo"), "--rollout_batch_size", "4", "--max_response_len", "8", *small])
     rows = [json.loads(l) for l in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["first_logp_dev"] == 0.0 for r in rows)
-    assert Llama.from_pretrained(critic_dir).args.dim == 16 != actor_args.dim
+    assert hf.load(critic_dir).args.dim == 16 != actor_args.dim
 
 
 def test_memory_plan_by_hand(tmp_path, capsys):
@@ -176,7 +177,7 @@ def test_memory_plan_by_hand(tmp_path, capsys):
                        ("small", ModelArgs.preset("llama3.2-1b", head="score", tie_embeddings=False))):
         dirs[name] = tmp_path / name
         dirs[name].mkdir()
-        (dirs[name] / "config.json").write_text(json.dumps(args.to_hf_config()))
+        (dirs[name] / "config.json").write_text(json.dumps(hf.config_from_args(args)))
     out = tmp_path / "out"
     train.main(["ppo", "--plan", "--plan_world", "8", "--bf16", "--policy", str(dirs["big"]), "--dpo",
                 str(dirs["big"]), "--rm", str(dirs["small"]), "--micro_batch_size", "4", "--max_prompt_len", "1024",

@@ -9,7 +9,9 @@ import torch
 
 import sweep
 import train
-from data import TASKS, Tokenizer, WordTask
+import hf
+from data import TASKS, WordTask
+from hf import Tokenizer
 from model import Llama
 
 
@@ -86,7 +88,7 @@ def test_explain_matches_an_independent_computation(quick, tmp_path, capsys):
     sampled = train.main([*common, "--prompt", "topic ships", "--html", ""])  # the DPO model's own greedy answer
     res = {k: given[k] + sampled[k] for k in given}
     tok = Tokenizer.from_dir(dpo_dir)
-    dpo, ref = Llama.from_pretrained(dpo_dir).eval(), Llama.from_pretrained(ref_dir).eval()
+    dpo, ref = hf.load(dpo_dir).eval(), hf.load(ref_dir).eval()
     for k, prompt in enumerate(["topic cats", "topic ships"]):
         msgs = [{"role": "user", "content": prompt}]
         p_ids = tok.encode_prompt(msgs, 64)

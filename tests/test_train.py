@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import hf
 import train
 from model import Llama, ModelArgs
 
@@ -39,7 +40,7 @@ def test_all_stages_write_hf_checkpoints_and_a_table(pipeline):
         for f in ("config.json", "model.safetensors", "tokenizer.json", "train_config.json"):
             assert (final / f).is_file(), final / f
         assert json.loads((final / "train_config.json").read_text())["out"] == str(out / stage)
-        Llama.from_pretrained(final)  # strict load of what we wrote
+        hf.load(final)  # strict load of what we wrote
     assert len(metrics(out / "sft")) == 256 // 64 and len(metrics(out / "rto")) == 2
     assert "| rto |" in (out / "results.md").read_text()
     # the RM checkpoint carries the score statistics PPO normalises with
@@ -140,7 +141,7 @@ def test_bf16_checkpoint_trains_in_fp32(tmp_path):
     5e-7 on a weight of 0.02 rounds to no change at all)."""
     torch.manual_seed(0)
     model = Llama(ModelArgs.preset("tiny")).to(torch.bfloat16)
-    model.save_pretrained(tmp_path / "bf16")
+    hf.save(model, tmp_path / "bf16")
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     loaded = train.open_model(str(tmp_path / "bf16"), "lm", train.SFTConfig())
     assert all(p.dtype == torch.float32 for p in loaded.parameters())

@@ -1,0 +1,751 @@
+"""The Hugging Face format boundary: config.json <-> ModelArgs, safetensors in (sharded, sliced) and out, the
+tokenizer files (special tokens, stop ids, chat templates), read the way transformers reads them.
+
+    import hf
+    model = hf.load("path/to/Llama-3.2-1B")          # config.json + *.safetensors (never pickle), strict
+    hf.save(model, "out/ckpt")                        # config.json + model.safetensors, written atomically
+    tok = hf.Tokenizer.from_dir("path/to/Llama-3.2-1B")
+
+model.py is the network alone; everything here is about files. Every stage loads through the same code:
+`plan_load` checks a checkpoint against its config.json from the safetensors headers alone, and `fill` copies each
+parameter's rows (only this rank's shard under FSDP2) straight from the files (runtime.open_model, and `load`
+below for a plain single-process model).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+import tokenizers
+import torch
+
+from data import DataError
+from model import Llama, ModelArgs
+
+# ----------------------------------------------------------------------------------------------------------
+# config.json <-> ModelArgs, written out so nothing is renamed by magic
+
+# model_type -> our head -> the HF architecture. Mistral without a sliding window is Llama under another name.
+HF_ARCHITECTURES = {
+    "llama": {"lm": "LlamaForCausalLM", "score": "LlamaForSequenceClassification"},
+    "mistral": {"lm": "MistralForCausalLM", "score": "MistralForSequenceClassification"},
+}
+# rope_scaling types: "llama3" (Llama-3.1's long-context rescaling), "linear" (position interpolation), none
+ROPE_TYPES = ("default", "linear", "llama3")
+
+# Our parameter name -> the Hugging Face name ("{}" is the layer index). Loading is strict against this map.
+HF_NAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "layers.{}.attention_norm.weight": "model.layers.{}.input_layernorm.weight",
+    "layers.{}.attention.wq.weight": "model.layers.{}.self_attn.q_proj.weight",
+    "layers.{}.attention.wk.weight": "model.layers.{}.self_attn.k_proj.weight",
+    "layers.{}.attention.wv.weight": "model.layers.{}.self_attn.v_proj.weight",
+    "layers.{}.attention.wo.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "layers.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "layers.{}.feed_forward.w1.weight": "model.layers.{}.mlp.gate_proj.weight",
+    "layers.{}.feed_forward.w2.weight": "model.layers.{}.mlp.down_proj.weight",
+    "layers.{}.feed_forward.w3.weight": "model.layers.{}.mlp.up_proj.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "score.weight": "score.weight",
+    # attention_bias / mlp_bias checkpoints only
+    "layers.{}.attention.wq.bias": "model.layers.{}.self_attn.q_proj.bias",
+    "layers.{}.attention.wk.bias": "model.layers.{}.self_attn.k_proj.bias",
+    "layers.{}.attention.wv.bias": "model.layers.{}.self_attn.v_proj.bias",
+    "layers.{}.attention.wo.bias": "model.layers.{}.self_attn.o_proj.bias",
+    "layers.{}.feed_forward.w1.bias": "model.layers.{}.mlp.gate_proj.bias",
+    "layers.{}.feed_forward.w2.bias": "model.layers.{}.mlp.down_proj.bias",
+    "layers.{}.feed_forward.w3.bias": "model.layers.{}.mlp.up_proj.bias",
+}
+
+
+def hf_name(name: str) -> str:
+    """Our state-dict key -> the HF key, e.g. 'layers.3.attention.wq.weight' -> 'model.layers.3.self_attn.q_proj.weight'."""
+    parts = name.split(".")
+    if parts[0] == "layers":
+        return HF_NAMES[".".join(["layers", "{}"] + parts[2:])].format(parts[1])
+    return HF_NAMES[name]
+
+
+def args_from_config(cfg: dict, path: str = "config.json") -> ModelArgs:
+    """config.json (a dict) -> ModelArgs, every field the network needs checked; errors name the file and field."""
+    model_type = cfg.get("model_type", "llama")
+    if model_type not in HF_ARCHITECTURES:
+        raise ValueError(f"{path}: field 'model_type' is {model_type!r}; accepted: {sorted(HF_ARCHITECTURES)} "
+                         f"(Llama-family decoders; Qwen2, Gemma, MoE and others compute something else)")
+    arch = (cfg.get("architectures") or [HF_ARCHITECTURES[model_type]["lm"]])[0]
+    if arch not in HF_ARCHITECTURES[model_type].values():
+        raise ValueError(f"{path}: field 'architectures' is {arch!r}; accepted for {model_type}: "
+                         f"{sorted(HF_ARCHITECTURES[model_type].values())}")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{path}: field 'hidden_act' is {cfg['hidden_act']!r}; this implementation supports 'silu'")
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
+        if key not in cfg:
+            raise ValueError(f"{path}: missing field '{key}'")
+        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] <= 0:
+            raise ValueError(f"{path}: field '{key}' is {cfg[key]!r}; expected a positive integer")
+    for key in ("rms_norm_eps", "rope_theta"):
+        v = cfg.get(key, 1.0)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
+            raise ValueError(f"{path}: field '{key}' is {v!r}; expected a positive number")
+    window, max_pos = cfg.get("sliding_window"), cfg.get("max_position_embeddings", 2048)
+    if window is not None and window < max_pos:
+        raise ValueError(f"{path}: field 'sliding_window' is {window}, shorter than max_position_embeddings "
+                         f"{max_pos}; sliding-window attention is not implemented. Full attention equals it on "
+                         f"sequences of at most {window} tokens: set max_position_embeddings to {window} in a "
+                         f"copy of the checkpoint to use it that way")
+    # transformers >= 5 writes one "rope_parameters" dict instead of rope_theta + rope_scaling
+    rope = dict(cfg.get("rope_parameters") or {})
+    rope_theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+    rope_scaling = (rope or None) if "rope_parameters" in cfg else cfg.get("rope_scaling")
+    args = ModelArgs(
+        dim=cfg["hidden_size"],
+        n_layers=cfg["num_hidden_layers"],
+        n_heads=cfg["num_attention_heads"],
+        n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+        head_dim=cfg.get("head_dim") or 0,
+        vocab_size=cfg["vocab_size"],
+        hidden_dim=cfg["intermediate_size"],
+        norm_eps=cfg.get("rms_norm_eps", 1e-5),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        max_seq_len=max_pos,
+        tie_embeddings=cfg.get("tie_word_embeddings", False),
+        attention_bias=bool(cfg.get("attention_bias", False)),
+        mlp_bias=bool(cfg.get("mlp_bias", False)),
+        model_type=model_type,
+        sliding_window=window,
+        head="score" if arch == HF_ARCHITECTURES[model_type]["score"] else "lm",
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_id=cfg.get("eos_token_id"),
+        pad_token_id=cfg.get("pad_token_id"),
+        added_tokens=list(cfg.get("rto_added_tokens") or []),
+        score_mean=cfg.get("rto_score_mean"),
+        score_std=cfg.get("rto_score_std"),
+    )
+    if args.head == "score" and cfg.get("num_labels", len(cfg.get("id2label", {0: 0}))) != 1:
+        raise ValueError(f"{path}: a reward model must have num_labels 1")
+    if args.rope_scaling is not None:
+        kind = args.rope_scaling.get("rope_type", args.rope_scaling.get("type"))
+        if kind not in ROPE_TYPES:
+            raise ValueError(f"{path}: field 'rope_scaling' has rope_type {kind!r}; supported: {ROPE_TYPES} "
+                             f"('dynamic' NTK scaling changes the frequencies with the sequence length, "
+                             f"which a KV cache cannot follow exactly)")
+    return args
+
+def config_from_args(args: ModelArgs) -> dict:
+    """ModelArgs -> config.json as transformers writes it (LlamaForCausalLM / ...ForSequenceClassification)."""
+    cfg = {
+        "architectures": [HF_ARCHITECTURES[args.model_type][args.head]],
+        "model_type": args.model_type,
+        "hidden_size": args.dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_dim,
+        "vocab_size": args.vocab_size,
+        "intermediate_size": args.hidden_dim,
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "rope_scaling": args.rope_scaling,
+        "max_position_embeddings": args.max_seq_len,
+        "tie_word_embeddings": args.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": args.attention_bias,
+        "mlp_bias": args.mlp_bias,
+        "bos_token_id": args.bos_token_id,
+        "eos_token_id": args.eos_token_id,
+        "pad_token_id": args.pad_token_id,
+    }
+    if args.added_tokens:  # the embedding grew for these (train.load_model): the checkpoint says so
+        cfg["rto_added_tokens"] = list(args.added_tokens)
+    if args.model_type == "mistral":
+        cfg["sliding_window"] = args.sliding_window
+        del cfg["attention_bias"], cfg["mlp_bias"]  # Mistral has neither (always False, checked at load)
+    if args.head == "score":
+        cfg["num_labels"] = 1
+        cfg["rto_score_mean"], cfg["rto_score_std"] = args.score_mean, args.score_std
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Safetensors: strict plans from the headers, sliced reads, atomic sharded writes
+
+
+@dataclass
+class Source:
+    """Where one of our parameters comes from: tensor `key` of safetensors `file`, or (key None) the new score
+    head of a reward model started from a causal LM, drawn from a fixed seed in `dtype`."""
+    file: Path | None
+    key: str | None
+    shape: tuple
+    dtype: str  # the checkpoint's dtype name, e.g. "BF16"
+
+
+def read_config(path) -> ModelArgs:
+    path = Path(path)
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path}: not found (expected a Hugging Face checkpoint directory)")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path}: not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object")
+    return args_from_config(cfg, str(cfg_path))
+
+
+def plan_load(path, head: str | None = None) -> tuple[ModelArgs, dict[str, Source]]:
+    """The model's args and, for each of our parameters (tied output excluded), where its values are: checked
+    strictly against config.json (missing, unexpected, mis-shaped tensors) from the safetensors headers alone,
+    before any tensor data is read."""
+    path = Path(path)
+    args = read_config(path)
+    headers = safetensors_headers(path)
+    new_score = head is not None and head != args.head
+    if new_score:
+        if head != "score":
+            raise ValueError(f"{path}: a reward-model checkpoint cannot be loaded as a language model")
+        headers.pop("lm_head.weight", None)
+        args = ModelArgs(**{**asdict(args), "head": "score", "tie_embeddings": False})
+    with torch.device("meta"):
+        model = Llama(args)
+    expected = {hf_name(n): (n, tuple(p.shape)) for n, p in model.named_parameters()}
+    if new_score:
+        headers["score.weight"] = (None, (1, args.dim), headers["model.norm.weight"][2])
+    missing = sorted(set(expected) - set(headers))
+    unexpected = sorted(set(headers) - set(expected))
+    if missing or unexpected:
+        raise KeyError(f"{path}: checkpoint does not match config.json: missing tensors {missing[:8]}"
+                       f"{' ...' if len(missing) > 8 else ''}, unexpected tensors {unexpected[:8]}"
+                       f"{' ...' if len(unexpected) > 8 else ''}")
+    sources = {}
+    for key, (ours, shape) in expected.items():
+        file, got, dt = headers[key]
+        if tuple(got) != shape:
+            raise ValueError(f"{path}: tensor '{key}' has shape {tuple(got)}, config.json implies {shape}")
+        sources[ours] = Source(file, key if file is not None else None, shape, dt)
+    return args, sources
+
+
+DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def read_source(src: Source, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Rows [start, end) of a parameter (all of it with rows None), read straight from its file: safetensors slices
+    read only those bytes, so a rank that owns one shard never holds the whole tensor. Non-finite values are an
+    error that names the tensor."""
+    start, end = rows or (0, src.shape[0])
+    if src.key is None:  # the new score head: small, so the first scores are near 0; the same on every rank
+        g = torch.Generator().manual_seed(0)
+        full = (torch.randn(*src.shape, generator=g) / math.sqrt(src.shape[1] + 1)).to(DTYPES.get(src.dtype))
+        return full[start:end]
+    from safetensors import safe_open
+
+    with safe_open(str(src.file), framework="pt") as f:
+        t = f.get_slice(src.key)[start:end]
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{src.file.parent}: tensor '{src.key}' holds NaN or infinite values; refusing a damaged "
+                         f"checkpoint")
+    return t
+
+
+def safetensors_headers(path: Path) -> dict[str, tuple[Path, tuple, str]]:
+    """hf key -> (file, shape, dtype) for model.safetensors, or the shards named by model.safetensors.index.json;
+    only the headers are read. A truncated or foreign file names itself instead of a bare SafetensorError."""
+    from safetensors import safe_open
+
+    def header(f):
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                return {k: (f, tuple(h.get_slice(k).get_shape()), h.get_slice(k).get_dtype()) for k in h.keys()}
+        except Exception as e:
+            raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{index}: not a valid index ({e.__class__.__name__}: {e})") from None
+        out = {}
+        for shard in sorted(set(weight_map.values())):
+            part = header(path / shard)
+            stray = sorted(set(part) - {k for k, v in weight_map.items() if v == shard})
+            if stray:
+                raise KeyError(f"{path / shard}: tensors {stray[:8]} are not listed for this shard in {index}")
+            out.update(part)
+        missing = sorted(set(weight_map) - set(out))
+        if missing:
+            raise KeyError(f"{index}: lists tensors {missing[:8]} that no shard contains")
+        return out
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
+    return header(single)
+
+
+def save_hf_checkpoint(sd: dict, config: dict, path, max_shard_bytes: int, extra_files: dict | None = None):
+    """Write an HF checkpoint into path.tmp, then swap it into place (replace_dir): a failure leaves path as it was."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        _write_hf_checkpoint(sd, config, tmp, max_shard_bytes, extra_files)
+    except OSError as e:  # a full disk or a read-only directory: the old checkpoint at `path` is untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(e.errno, f"could not write {path}: {e.strerror or e} ({e.filename or tmp}); "
+                               f"anything already at {path} is untouched") from None
+    replace_dir(tmp, path)
+
+
+def _write_hf_checkpoint(sd: dict, config: dict, tmp: Path, max_shard_bytes: int, extra_files: dict | None):
+    from safetensors.torch import save_file
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    # split into shards of at most max_shard_bytes (a single tensor larger than that gets its own shard)
+    shards, size = [[]], 0
+    for name in sorted(sd):
+        nbytes = sd[name].numel() * sd[name].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    dtype = str(next(iter(sd.values())).dtype).removeprefix("torch.")
+    (tmp / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype}, indent=2) + "\n")
+    if len(shards) == 1:
+        save_file({n: sd[n].detach().contiguous().cpu() for n in shards[0]}, tmp / "model.safetensors",
+                  metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, names in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file({n: sd[n].detach().contiguous().cpu() for n in names}, tmp / fname, metadata={"format": "pt"})
+            weight_map.update({n: fname for n in names})
+        total = sum(t.numel() * t.element_size() for t in sd.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text, encoding="utf-8")
+
+
+def replace_dir(tmp: Path, path: Path):
+    """Swap a fully written directory into place; until the final rename the old one stays intact."""
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def shard_rows(p) -> tuple[int, int]:
+    """The rows [start, end) of parameter p this rank holds: FSDP2 shards dim 0 like torch.chunk (equal chunks of
+    ceil(n / world) rows, the last ranks' shorter or empty); an unsharded parameter: all of them."""
+    n = p.shape[0]
+    if not hasattr(p, "to_local"):
+        return 0, n
+    mesh = p.device_mesh
+    size, rank = mesh.size(), mesh.get_local_rank()
+    chunk = -(-n // size)
+    start, end = min(rank * chunk, n), min((rank + 1) * chunk, n)
+    assert p.to_local().shape[0] == end - start, (p.to_local().shape, start, end)  # FSDP2's layout, as assumed
+    return start, end
+
+
+def mean_row(src, rows: int, block: int = 8192) -> torch.Tensor:
+    """The mean of a parameter's first `rows` rows, read in blocks (float64 sums, as model.resize_vocab)."""
+    total = sum(read_source(src, (i, min(i + block, rows))).double().sum(0) for i in range(0, rows, block))
+    return (total / rows).float()[None]
+
+
+def fill(model: Llama, sources: dict[str, Source], dtype: torch.dtype, old_rows: int):
+    """Copy every parameter's values from its source into `model` (already materialised, on any device, sharded or
+    not): each rank reads only the rows it holds. Embedding rows past `old_rows` (tokens added to the vocabulary,
+    a new pad) are the mean of the checkpoint's rows (model.resize_vocab)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p.data
+            start, end = shard_rows(p)
+            src = sources[name]
+            have = min(end, old_rows) if name in ("tok_embeddings.weight", "output.weight") else end
+            if start < have:
+                local[:have - start].copy_(read_source(src, (start, have)).to(dtype))
+            if end > have:
+                local[max(0, have - start):].copy_(mean_row(src, old_rows).to(dtype).expand(end - max(have, start), -1))
+
+
+def load(path, device="cpu", dtype: torch.dtype | None = None, head: str | None = None) -> Llama:
+    """A checkpoint as one unsharded model on `device` (tests, benchmarks, the fixture scripts): the same strict
+    plan and fill as every stage's runtime.open_model. dtype None keeps the checkpoint's. head="score" on a
+    causal-LM checkpoint keeps the backbone and starts a new scalar head."""
+    args, sources = plan_load(path, head)
+    dtype = dtype or DTYPES[sources["tok_embeddings.weight"].dtype]
+    with torch.device("meta"):
+        model = Llama(args)
+    model.to(dtype).to_empty(device=device)
+    if args.tie_embeddings:  # to_empty keeps the tie; say it
+        model.output.weight = model.tok_embeddings.weight
+    fill(model, sources, dtype, args.vocab_size)
+    return model
+
+
+def state_dict(model: Llama) -> dict[str, torch.Tensor]:
+    """The model's tensors under their HF names (a tied output is stored once, as the embedding)."""
+    return hf_state_dict(model.state_dict(), model.args)
+
+
+def hf_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    return {hf_name(k): v for k, v in sd.items() if not (k == "output.weight" and args.tie_embeddings)}
+
+
+def save(model: Llama, path, max_shard_bytes: int = 2 * 1024**3, extra_files: dict[str, str] | None = None):
+    """Write an HF-format checkpoint atomically: into a temporary sibling directory, then renamed."""
+    save_hf_checkpoint(state_dict(model), config_from_args(model.args), path, max_shard_bytes, extra_files)
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer: the checkpoint's special tokens, stop ids and chat template, read the way transformers reads them
+
+SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
+# Only for a bare tokenizer.json with no tokenizer_config.json: the special tokens are then guessed by name, among
+# the tokenizer's added *special* tokens only (many vocabularies also hold "<s>" or "</s>" as ordinary text).
+FALLBACK_NAMES = {
+    "bos_token": ["<|begin_of_text|>", "<|bos|>", "<s>", "<bos>"],
+    "eos_token": ["<|eot_id|>", "<|im_end|>", "<end_of_turn>", "<|end_of_text|>", "<|eos|>", "</s>", "<eos>",
+                  "<|endoftext|>"],
+    "pad_token": ["<|finetune_right_pad_id|>", "<|pad|>", "<pad>"],
+    "unk_token": ["<unk>", "<|unk|>", "[UNK]"],
+}
+NEW_PAD = "<|pad|>"  # added (and the embedding grown by one row) only when the tokenizer has no usable pad at all
+# Stands in for an assistant message when probing a chat template for what closes an assistant turn.
+SENTINEL = "RTO_SENTINEL_7c1f"
+
+
+def read_json_file(path: Path) -> dict | None:
+    """A JSON object from path, or None when the file does not exist; a malformed file names itself."""
+    if not path.is_file():
+        return None
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _token_content(value, where: str) -> str | None:
+    """A special-token field of tokenizer_config.json: a string, an AddedToken dict {"content": ...}, or null."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise DataError(f"{where}: expected a token string or an object with 'content', got {value!r}")
+
+
+def _id_list(value, where: str) -> list[int]:
+    """eos_token_id of generation_config.json / config.json: an int, a list of ints (Llama-3.1), or null."""
+    if value is None:
+        return []
+    vals = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+        raise DataError(f"{where}: expected an int or a list of ints, got {value!r}")
+    return vals
+
+
+def compile_chat_template(source: str, where: str):
+    """A chat template compiled the way transformers' apply_chat_template compiles it: a sandboxed jinja2
+    environment (a template is data from a checkpoint: it must not reach Python objects or files), trim_blocks and
+    lstrip_blocks, loop controls, the helpers templates call (raise_exception, strftime_now, a tojson that does
+    not escape HTML) and the {% generation %} block some templates mark the assistant's text with."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    class Generation(jinja2.ext.Extension):  # renders its body unchanged (transformers uses it to find masks)
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: __import__("datetime").datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise DataError(f"{where}: chat_template line {e.lineno}: {e.message}") from None
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus what its checkpoint says about it: the special tokens, the ids that end a
+    response, and the chat template (without one, a plain "role: text" format).
+
+    - bos_id: tokenizer_config.json's bos_token (None for checkpoints without one, e.g. ChatML models).
+    - eos_id: the token a training response ends with, and so the one the policy learns to emit and the reward
+      model reads its score at: the end-of-turn token the chat template closes an assistant turn with
+      (<|eot_id|>, <|im_end|>, <end_of_turn>, </s>), or eos_token without a template.
+    - stop_ids: every id that ends a sampled response: eos_id, eos_token and generation_config.json's
+      eos_token_id (a list for Llama-3.1-Instruct).
+    - pad_id: only ever fills; where a row ends comes from its mask, never from the pad id. It is still never a stop
+      id, because Hugging Face's sequence classifier reads its score at the last token that is not pad: a reward
+      model exported with pad == eos would be read one token early by every tool that loads it.
+    notes lists what was chosen and why (train.py prints them at load).
+    """
+
+    def __init__(self, tk: tokenizers.Tokenizer, config: dict | None = None, generation_config: dict | None = None,
+                 chat_template: str | None = None, source: str = "tokenizer", template_file: bool = False):
+        self.tk, self.source = tk, source
+        self.config = dict(config) if config is not None else None  # tokenizer_config.json as read
+        self.generation_config = dict(generation_config or {})
+        self.template_file = template_file  # the template came from chat_template.jinja (written back there)
+        self.notes: list[str] = []
+        self.added_tokens: list[str] = []  # tokens this class added to the vocabulary (the embedding must grow)
+        added = {t.content: i for i, t in tk.get_added_tokens_decoder().items() if t.special}
+        if config is None:
+            self.tokens = {k: next((n for n in names if n in added), None) for k, names in FALLBACK_NAMES.items()}
+            self.notes.append(f"{source}: no tokenizer_config.json, special tokens chosen by name: "
+                              + ", ".join(f"{k} {v!r}" for k, v in self.tokens.items()))
+        else:
+            self.tokens = {k: _token_content(config.get(k), f"{source}: tokenizer_config.json field '{k}'")
+                           for k in SPECIAL_KEYS}
+        ids = {}
+        for key, text in self.tokens.items():
+            if text is not None:
+                ids[key] = tk.token_to_id(text)
+                if ids[key] is None:
+                    raise DataError(f"{source}: tokenizer_config.json field '{key}' is {text!r}, "
+                                    f"which tokenizer.json does not hold")
+        if "eos_token" not in ids:
+            raise DataError(f"{source}: no EOS token: tokenizer_config.json has no 'eos_token'"
+                            + (" (and no added special token is named like one)" if config is None else ""))
+        self.bos_id, self.eos_id = ids.get("bos_token"), ids["eos_token"]
+        stops = {self.eos_id, *_id_list(self.generation_config.get("eos_token_id"),
+                                        f"{source}: generation_config.json field 'eos_token_id'")}
+        self.chat_template = chat_template
+        self._template = compile_chat_template(chat_template, source) if chat_template else None
+        self._turn_tail = ""  # what the template writes after an assistant message's text
+        if self._template is not None:
+            eot = self._end_of_turn()
+            if eot is not None and eot != self.eos_id:
+                self.notes.append(f"{source}: the chat template ends an assistant turn with "
+                                  f"{tk.id_to_token(eot)!r} (id {eot}): responses end there, and it stops sampling")
+                self.eos_id = eot
+            stops.add(self.eos_id)
+        self.stop_ids = sorted(stops)
+        self.pad_id = self._choose_pad(ids.get("pad_token"), ids.get("unk_token"), added)
+        self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def chat(self) -> bool:
+        return self._template is not None
+
+    def _choose_pad(self, declared, unk, added) -> int:
+        stops = set(self.stop_ids)
+        if declared is not None and declared not in stops:
+            return declared
+        why = ("declares no pad_token" if declared is None else
+               f"declares pad_token {self.tokens['pad_token']!r}, which also ends responses")
+        # an added special token named like a pad (<|finetune_right_pad_id|>, <pad>, <｜▁pad▁｜>), else a reserved one
+        named = sorted(i for t, i in added.items() if "pad" in t.lower() and i not in stops)
+        reserved = sorted(i for t, i in added.items() if "reserved" in t and i not in stops)
+        if named or reserved:
+            pad = (named or reserved)[0]
+        elif unk is not None and unk not in stops:
+            pad = unk
+        else:
+            self.tk.add_special_tokens([tokenizers.AddedToken(NEW_PAD, special=True, normalized=False)])
+            pad = self.tk.token_to_id(NEW_PAD)
+            self.added_tokens.append(NEW_PAD)
+        self.tokens["pad_token"] = self.tk.id_to_token(pad)
+        self.notes.append(f"{self.source}: the tokenizer {why}; padding with {self.tokens['pad_token']!r} (id {pad})"
+                          + (", a new token" if self.added_tokens else "") + "; exports declare it as pad_token")
+        return pad
+
+    @classmethod
+    def from_dir(cls, d) -> "Tokenizer":
+        """Read a checkpoint directory the way transformers' AutoTokenizer + GenerationConfig do:
+        tokenizer.json; special tokens from tokenizer_config.json (special_tokens_map.json overrides them when
+        tokenizer_config.json lists no added_tokens_decoder, transformers' legacy rule); the chat template from
+        chat_template.jinja, else tokenizer_config.json's chat_template (a list of named templates: "default");
+        stop ids from generation_config.json, else config.json's eos_token_id."""
+        d = Path(d)
+        path = d / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no tokenizer file (expected a HF tokenizers 'tokenizer.json')")
+        try:
+            tk = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # the Rust parser's message says what is wrong
+            raise DataError(f"{path}: not a tokenizers file: {e}") from None
+        config = read_json_file(d / "tokenizer_config.json")
+        smap = read_json_file(d / "special_tokens_map.json")
+        if smap is not None and (config is None or "added_tokens_decoder" not in config):
+            config = {**(config or {}), **{k: v for k, v in smap.items() if k in SPECIAL_KEYS}}
+        template, template_file = None, (d / "chat_template.jinja").is_file()
+        if template_file:
+            template = (d / "chat_template.jinja").read_text(encoding="utf-8")
+        elif config is not None and config.get("chat_template"):
+            template = config["chat_template"]
+            if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+                named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+                if "default" not in named:
+                    raise DataError(f"{d / 'tokenizer_config.json'}: field 'chat_template' lists templates "
+                                    f"{sorted(named)} but none named 'default'")
+                template = named["default"]
+            if not isinstance(template, str):
+                raise DataError(f"{d / 'tokenizer_config.json'}: field 'chat_template' is not a string")
+        gen = read_json_file(d / "generation_config.json")
+        if gen is None:  # transformers builds the generation config from the model's config.json
+            model_cfg = read_json_file(d / "config.json") or {}
+            gen = {k: model_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in model_cfg}
+        return cls(tk, config, gen, template, source=str(d), template_file=template_file)
+
+    def hf_files(self) -> dict[str, str]:
+        """What AutoTokenizer reads: tokenizer.json, tokenizer_config.json (the input's, chat template and special
+        tokens intact, pad_token set to the one used here), special_tokens_map.json, and chat_template.jinja when
+        the input kept the template there."""
+        cfg = dict(self.config) if self.config is not None else {
+            "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+        for key, text in self.tokens.items():
+            if text is not None and _token_content(cfg.get(key), key) != text:
+                cfg[key] = text
+        if self.added_tokens and "added_tokens_decoder" in cfg:
+            cfg["added_tokens_decoder"] = {**cfg["added_tokens_decoder"], **{
+                str(self.tk.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                              "single_word": False, "special": True} for t in self.added_tokens}}
+        files = {"tokenizer.json": self.tk.to_str()}
+        if self.template_file:
+            files["chat_template.jinja"] = self.chat_template
+        elif self.chat_template is not None and not isinstance(cfg.get("chat_template"), list):
+            cfg["chat_template"] = self.chat_template  # (a list of named templates is carried over whole)
+        files["tokenizer_config.json"] = json.dumps(cfg, indent=2, ensure_ascii=False) + "\n"
+        files["special_tokens_map.json"] = json.dumps({k: v for k, v in self.tokens.items() if v is not None},
+                                                      indent=2, ensure_ascii=False) + "\n"
+        return files
+
+    def generation_config_json(self) -> str:
+        """generation_config.json: the input's (sampling defaults kept) with this tokenizer's ids; eos_token_id
+        lists every stop id, so transformers' and vLLM's generate stop where ours does."""
+        ids = {"bos_token_id": self.bos_id, "pad_token_id": self.pad_id,
+               "eos_token_id": self.stop_ids[0] if len(self.stop_ids) == 1 else self.stop_ids}
+        return json.dumps({**self.generation_config, **ids}, indent=2) + "\n"
+
+    def save(self, d):
+        Path(d).mkdir(parents=True, exist_ok=True)
+        for name, text in self.hf_files().items():
+            (Path(d) / name).write_text(text, encoding="utf-8")
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> ids, special tokens in the text recognised as themselves, no BOS/EOS added (as transformers'
+        apply_chat_template tokenizes: add_special_tokens=False skips the post-processor)."""
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special=True) -> str:
+        return self.tk.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+    def render(self, messages, add_generation_prompt: bool) -> str:
+        """The chat template applied to messages, with the context transformers gives it (bos_token, eos_token,
+        ... as strings; tools and documents None)."""
+        import jinja2
+
+        ctx = {k: v for k, v in self.tokens.items() if v is not None}
+        if self.config and self.config.get("additional_special_tokens"):
+            ctx["additional_special_tokens"] = [_token_content(t, "additional_special_tokens")
+                                                for t in self.config["additional_special_tokens"]]
+        try:
+            return self._template.render(messages=messages, tools=None, documents=None,
+                                         add_generation_prompt=add_generation_prompt, **ctx)
+        except jinja2.TemplateError as e:
+            raise DataError(f"the chat template of {self.source} refused this conversation: {e}") from None
+
+    def _end_of_turn(self) -> int | None:
+        """The special token the template closes an assistant turn with: render a probe conversation, tokenize
+        what follows the assistant's text, return its first special token (None when there is none)."""
+        text = self.render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": SENTINEL}], False)
+        if SENTINEL not in text:
+            raise DataError(f"{self.source}: the chat template does not show an assistant message's text")
+        self._turn_tail = text[text.index(SENTINEL) + len(SENTINEL):]
+        special = {i for i, t in self.tk.get_added_tokens_decoder().items() if t.special}
+        return next((i for i in self.encode(self._turn_tail) if i in special), None)
+
+    def encode_prompt(self, messages, max_len: int) -> list[int]:
+        """Messages -> ids ending with the generation cue (the template's, or "assistant:"). When longer than
+        max_len keep the BOS (if any) and the LAST ids: the latest turn and the cue the response follows matter most."""
+        assert max_len >= 2, "a prompt needs room for BOS and at least one token"
+        if self.chat:
+            ids = self.encode(self.render(messages, add_generation_prompt=True))
+        else:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+            ids = ([] if self.bos_id is None else [self.bos_id]) + self.encode(text)
+        if len(ids) > max_len:
+            keep = 1 if ids[0] == self.bos_id else 0
+            ids = ids[:keep] + ids[len(ids) - (max_len - keep):]
+        return ids
+
+    def encode_response(self, messages, text: str, max_len: int) -> list[int]:
+        """The response to `messages` -> ids ending with eos_id, keeping the FIRST max_len ids. A response cut this
+        way has no EOS: a truncated demonstration teaches no stop, and overwriting its last id with EOS would teach
+        a stop the data never made.
+
+        With a chat template the response is what the template writes after the generation prompt (the
+        conversation rendered with the answer, minus the prompt rendered with add_generation_prompt, as ids), so
+        prompt + response is exactly the ids transformers gives the whole conversation; it ends at its first stop
+        id (the "\\n" a template writes after <|im_end|> belongs to the next turn's layout)."""
+        assert max_len >= 1
+        if not self.chat:  # plain format: the prompt ends in "assistant:", the answer follows after one space
+            return (self.encode(" " + text) + [self.eos_id])[:max_len]
+        prompt = self.render(messages, add_generation_prompt=True)
+        full = self.render(list(messages) + [{"role": "assistant", "content": text}], add_generation_prompt=False)
+        if full.startswith(prompt):
+            p_ids, f_ids = self.encode(prompt), self.encode(full)
+            # a merge across the boundary would make the prompt's ids no prefix: then tokenize the rest on its own
+            ids = f_ids[len(p_ids):] if f_ids[:len(p_ids)] == p_ids else self.encode(full[len(prompt):])
+        else:
+            # The template renders a finished assistant turn differently from a generation prompt followed by the
+            # answer (DeepSeek-R1's prompt ends in "<think>\n", a finished turn drops the reasoning): train on what
+            # sampling sees, the answer after the prompt, closed the way the template closes a turn.
+            ids = self.encode(text + self._turn_tail)
+        stop = set(self.stop_ids)
+        end = next((k for k, i in enumerate(ids) if i in stop), None)
+        ids = ids[:end + 1] if end is not None else ids + [self.eos_id]
+        return ids[:max_len]
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Byte-level BPE trained on texts, with special tokens <|bos|>, <|eos|>, <|pad|> (ids 0, 1, 2).
+    Byte level means any text encodes and decodes back exactly (no unknown token)."""
+    tk = tokenizers.Tokenizer(tokenizers.models.BPE())
+    # add_prefix_space=False so encode(text) round-trips without an invented leading space
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen or not
+        show_progress=False,
+    )
+    tk.train_from_iterator(list(texts), trainer=trainer)
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+              "bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
+    return Tokenizer(tk, config, source="trained tokenizer")
