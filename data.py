@@ -9,6 +9,7 @@ The token ids come from hf.Tokenizer (the checkpoint's own tokenizer, special to
 WordTask is the built-in demo: a toy "write words about a topic" task whose true reward is a known
 sum of per-word scores, so SFT -> DPO -> RM -> PPO can be judged against the true per-token reward.
 """
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -328,6 +329,10 @@ class WordTask:
         # drawn after scores, so the default task's table is what it always was
         self.pairs = rng.standard_normal((self.n_words, self.n_words)) if self.pair_weight else None
 
+    def spec(self) -> dict:
+        """The fields that define the task (its table follows from them): what task.json holds (load_task)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
     def prompt_text(self, topic: int) -> str:
         return f"topic {self.topics[topic]}"
 
@@ -402,3 +407,18 @@ class WordTask:
         piece: every word becomes one token and per-word rewards are per-token rewards."""
         prompts = [f"user: {self.prompt_text(t)}\nassistant:" for t in range(self.n_topics)]
         return prompts + [" " + " ".join(self.words)]
+
+
+def load_task(spec: str, seed: int = 0) -> WordTask:
+    """A built-in task by name (data.TASKS, with the seed of its table) or from a task.json (WordTask.spec(), as
+    `train.py all` writes it under <out>/data: the seed and any overrides included)."""
+    if spec in TASKS:
+        return WordTask(seed=seed, **TASKS[spec])
+    path = Path(spec)
+    if not path.is_file():
+        raise DataError(f"--task {spec!r}: neither a built-in task ({', '.join(TASKS)}) nor a task.json file")
+    try:
+        fields = json.loads(path.read_text(encoding="utf-8"))
+        return WordTask(**fields)
+    except (ValueError, TypeError) as e:
+        raise DataError(f"{path}: not a task description ({e})") from None

@@ -153,6 +153,79 @@ def gae(rewards, values, mask, gamma: float, lam: float):
     return advantages, (advantages + values) * m
 
 
+# ----------------------------------------------------------------------------- critic-free estimators
+#
+# With k samples per prompt the other responses to the same prompt are a baseline that needs no critic. Rows are
+# grouped: rows [g*k, (g+1)*k) are the k responses to one prompt (train.py samples them so, on one rank).
+
+ESTIMATORS = ("gae", "rloo", "grpo", "rloo-token")  # train.py --estimator; only gae needs a critic
+
+
+def reward_to_go(rewards, mask, gamma: float = 1.0):
+    """G_t = sum_{t' >= t} gamma^(t' - t) r_t' over each row's valid tokens. (B, T) -> (B, T), zero on padding
+    (after a response ends there is nothing left to collect)."""
+    mask = mask.bool()
+    rewards = torch.where(mask, rewards.float(), torch.zeros_like(rewards, dtype=torch.float32))
+    out = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        out[:, t] = running
+    return torch.where(mask, out, torch.zeros_like(out))
+
+
+def _groups(x, k: int):
+    """(B, ...) -> (B // k, k, ...): the k responses of each prompt side by side."""
+    if k < 2 or x.shape[0] % k:
+        raise ValueError(f"a group baseline needs k >= 2 samples per prompt and rows divisible by k, got "
+                         f"{x.shape[0]} rows, k = {k}")
+    return x.reshape(x.shape[0] // k, k, *x.shape[1:])
+
+
+def leave_one_out_mean(x, k: int):
+    """For each row, the mean of the OTHER k - 1 rows of its group. (B, ...) -> (B, ...)."""
+    g = _groups(x, k)
+    return ((g.sum(1, keepdim=True) - g) / (k - 1)).reshape(x.shape)
+
+
+def rloo(rewards, mask, k: int, gamma: float = 1.0):
+    """RLOO (Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for RLHF", eq. 5):
+    each response's return R_i (its reward-to-go from the first token) minus the mean return of the other k - 1
+    responses to its prompt, the same advantage on every valid token. (B, T) -> (B, T)."""
+    ret = reward_to_go(rewards, mask, gamma)[:, 0]                      # (B,)
+    adv = ret - leave_one_out_mean(ret, k)
+    return torch.where(mask.bool(), adv[:, None].expand(rewards.shape), torch.zeros_like(rewards, dtype=adv.dtype))
+
+
+def grpo(rewards, mask, k: int, gamma: float = 1.0, eps: float = 1e-4):
+    """GRPO with outcome supervision (Shao et al. 2024, "DeepSeekMath", section 4.1.2): each response's return
+    standardised within its prompt's group, (R_i - mean(R_group)) / (std(R_group) + eps), on every valid token.
+    std is the unbiased one (torch.std, as TRL's GRPO computes it); eps keeps a group of equal returns at 0.
+    (B, T) -> (B, T)."""
+    ret = reward_to_go(rewards, mask, gamma)[:, 0]
+    g = _groups(ret, k)
+    adv = ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + eps)).reshape(ret.shape)
+    return torch.where(mask.bool(), adv[:, None].expand(rewards.shape), torch.zeros_like(rewards, dtype=adv.dtype))
+
+
+def rloo_token(rewards, mask, k: int, gamma: float = 1.0):
+    """A dense leave-one-out estimator that keeps a token reward's credit where it was earned, without a critic:
+
+        A_{i,t} = G_{i,t} - mean_{j != i} G_{j,t}
+
+    G_{i,t} is response i's reward-to-go from token t (so a token reward counts only for the tokens at or before
+    it, as in GAE with lambda = 1), and the baseline is the other responses' reward-to-go at the same position (0
+    for a response already finished there: it collects nothing more). Why it is a valid baseline: the other k - 1
+    responses are sampled independently of response i, so their returns do not depend on response i's actions and
+    subtracting them leaves the policy gradient unbiased (Kool et al. 2019, "Buy 4 REINFORCE samples, get a baseline
+    for free!"). At t = 0 it is exactly RLOO; later it tracks how much return is still to come at that depth.
+    With a sparse reward (the RM score on the last token only) G_{i,t} = R_i for every t, and the estimator differs
+    from RLOO only in the baseline of responses that ended earlier. (B, T) -> (B, T)."""
+    rtg = reward_to_go(rewards, mask, gamma)
+    adv = rtg - leave_one_out_mean(rtg, k)
+    return torch.where(mask.bool(), adv, torch.zeros_like(adv))
+
+
 # ----------------------------------------------------------------------------- losses
 
 def policy_loss(logp, logp_old, advantages, mask, clip_eps: float):

@@ -54,6 +54,9 @@ class SweepConfig:
     n_eval: int = 128  # held-out prompts and pairs
     sft_epochs: int = 3
     pref_epochs: int = 2
+    estimators: str = "gae"  # advantage estimators (ppo.ESTIMATORS); beyond gae each runs --algos at the full budget
+    samples_per_prompt: int = 4  # responses per prompt for the critic-free estimators (a rollout keeps batch_size
+    # responses, so they see batch_size / samples_per_prompt prompts per rollout, the same number of samples)
     quick: bool = False  # 2 seeds, budgets 1/4 and 1, 16 full-budget rollouts, one ablation: minutes, not an hour
     device: str = "auto"
 
@@ -65,13 +68,16 @@ class SweepConfig:
 
 
 def variants(cfg: SweepConfig) -> list[dict]:
-    """Every PPO run of one seed: name, algo, budget, beta1, clip."""
-    out = [dict(name=f"{a}_b{b}", algo=a, budget=float(b), beta1=0.05, clip=0.05)
+    """Every PPO run of one seed: name, algo, budget, beta1, clip, estimator."""
+    out = [dict(name=f"{a}_b{b}", algo=a, budget=float(b), beta1=0.05, clip=0.05, estimator="gae")
            for a in cfg.algos.split(",") for b in cfg.budgets.split(",")]
     for pair in filter(None, cfg.ablation.split(",")):
         beta1, clip = pair.split(":")
         out.append(dict(name=f"rto_beta{beta1}_clip{clip}", algo="rto", budget=1.0, beta1=float(beta1),
-                        clip=float(clip)))
+                        clip=float(clip), estimator="gae"))
+    for est in [e for e in cfg.estimators.split(",") if e != "gae"]:
+        out += [dict(name=f"{a}_{est}_b1", algo=a, budget=1.0, beta1=0.05, clip=0.05, estimator=est)
+                for a in cfg.algos.split(",")]
     return out
 
 
@@ -85,30 +91,32 @@ def finished(path: Path, marker: str) -> bool:
 
 def run_seed(cfg: SweepConfig, seed: int) -> dict:
     d = Path(cfg.out) / f"seed_{seed}"
+    stages = [f"sft.epochs={cfg.sft_epochs}", f"dpo.epochs={cfg.pref_epochs}", f"rm.epochs={cfg.pref_epochs}",
+              f"ppo.max_steps={cfg.ppo_steps}"]
     pc = train.PipelineConfig(out=str(d), seed=seed, task=cfg.task, max_len=64, n_sft=cfg.n_sft, n_pref=cfg.n_pref,
-                              n_prompts=cfg.ppo_steps * cfg.batch_size, n_eval=cfg.n_eval, sft_epochs=cfg.sft_epochs,
-                              pref_epochs=cfg.pref_epochs, ppo_steps=cfg.ppo_steps, batch_size=cfg.batch_size,
-                              progress=False, device=cfg.device, algos="rto")
+                              n_prompts=cfg.ppo_steps * cfg.batch_size, n_eval=cfg.n_eval, set=stages,
+                              batch_size=cfg.batch_size, progress=False, device=cfg.device, algos="rto")
     if not (d / "tokenizer" / "tokenizer.json").exists():
-        task, data = train.task_data(pc)
+        task, data, _ = train.task_data(pc)
     else:
         task = train.make_task(pc)
-        data = {k: d / "data" / f"{k}.jsonl" for k in ("sft", "prefs", "prompts", "eval_prefs", "eval_prompts")}
+        data = {k: d / "data" / f"{k}.jsonl" for k in train.DATA_FILES}
+        data["task"] = d / "data" / "task.json"
     sft_cfg, dpo_cfg, rm_cfg, ppo_cfgs = train.stage_configs(pc, data, d / "tokenizer")
     for stage_cfg, run in ((sft_cfg, train.run_sft), (dpo_cfg, train.run_dpo), (rm_cfg, train.run_rm)):
         if not finished(Path(stage_cfg.out), "final/config.json"):
             run(stage_cfg)
     sft, dpo = Path(sft_cfg.out) / "final", Path(dpo_cfg.out) / "final"
     tok = Tokenizer.from_dir(sft)
-    template = ppo_cfgs["rto"]
-    ref = open_model(str(sft), "lm", template, tok, frozen=True)
-    rm_model = open_model(str(Path(rm_cfg.out) / "final"), "score", template, tok, frozen=True)
+    template, ev = ppo_cfgs["rto"], train.eval_settings(pc)
+    ref = open_model(str(sft), "lm", ev, tok, frozen=True)
+    rm_model = open_model(str(Path(rm_cfg.out) / "final"), "score", ev, tok, frozen=True)
     rows = read_prompts(data["eval_prompts"])
 
     def judge(policy_dir, name):
         path = d / f"eval_{name}.json"
         if not path.exists():
-            r = train.evaluate(policy_dir, ref, tok, rows, template, task.gold_reward, rm_model)
+            r = train.evaluate(policy_dir, ref, tok, rows, ev, task.gold_reward, rm_model)
             path.write_text(json.dumps({k: v.tolist() for k, v in r.items()}))
         return {k: np.array(v) for k, v in json.loads(path.read_text()).items()}
 
@@ -121,9 +129,11 @@ def run_seed(cfg: SweepConfig, seed: int) -> dict:
             n = max(cfg.batch_size, round(v["budget"] * len(all_prompts)) // cfg.batch_size * cfg.batch_size)
             subset = d / "data" / f"prompts_{n}.jsonl"
             subset.write_text("".join(all_prompts[:n]))
+            k = cfg.samples_per_prompt if v["estimator"] != "gae" else 1
             ppo_cfg = dataclasses.replace(template, out=str(run_dir), algo=v["algo"], prompts=str(subset),
-                                          max_steps=n // cfg.batch_size, beta1=v["beta1"], dpo_clip=v["clip"])
-            train.run_ppo(ppo_cfg, gold=task.gold_reward)
+                                          max_steps=n // cfg.batch_size, beta1=v["beta1"], dpo_clip=v["clip"],
+                                          estimator=v["estimator"], samples_per_prompt=k)
+            train.run_ppo(ppo_cfg)
             ev = judge(run_dir / "final", v["name"])
             steps = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
             diff = ev["gold"] - base["sft"]["gold"]
@@ -140,27 +150,29 @@ def run_seed(cfg: SweepConfig, seed: int) -> dict:
         results[name] = {"name": name, "gold": float(base[name]["gold"].mean()), "kl": float(base[name]["kl"].mean()),
                          "len": float(base[name]["len"].mean()), "eos": float(base[name]["eos"].mean()),
                          "win_vs_sft": float(((diff > 0) + 0.5 * (diff == 0)).mean())}
-    results["correlation"] = correlation(d, task, tok, sft, dpo, ref, rows, template)
+    results["correlation"] = correlation(d, task, tok, sft, dpo, ref, rows, ev)
     results["rm_accuracy"] = json.loads((Path(rm_cfg.out) / "eval.json").read_text())["eval_accuracy"]
     return results
 
 
-def correlation(d: Path, task, tok, sft: Path, dpo: Path, ref, rows, cfg) -> float:
+def correlation(d: Path, task, tok, sft: Path, dpo: Path, ref, rows, ev) -> float:
     """Pearson correlation, over every token of one SFT sample per held-out prompt, between the DPO token reward
     log(pi_dpo / pi_ref)(y_h) and the gold reward of that token: the assumption RTO rests on, measured."""
     path = d / "correlation.json"
     if not path.exists():
-        policy = open_model(str(sft), "lm", cfg, tok, frozen=True)
-        dpo_model = open_model(str(dpo), "lm", cfg, tok, frozen=True)
-        prompts = [tok.encode_prompt(r.prompt, cfg.max_prompt_len) for r in rows]
-        gen = torch.Generator().manual_seed(train.seed_for(cfg.seed, 2 * 10**6))
-        buf = train.sample_responses(policy, tok, prompts, cfg, gen)
+        policy = open_model(str(sft), "lm", ev, tok, frozen=True)
+        dpo_model = open_model(str(dpo), "lm", ev, tok, frozen=True)
+        prompts = [tok.encode_prompt(r.prompt, ev.max_prompt_len) for r in rows]
+        gen = torch.Generator().manual_seed(train.seed_for(ev.seed, 2 * 10**6))
+        buf = train.sample_responses(policy, tok, prompts, gen, max_new_tokens=ev.max_new_tokens,
+                                     temperature=ev.temperature, top_k=ev.top_k, top_p=ev.top_p,
+                                     micro=ev.micro_batch_size)
         P, mask = buf["prompt_len"], buf["response_mask"]
         responses = [buf["input_ids"][i, P:][mask[i]].tolist() for i in range(len(rows))]
         xs, ys = [], []
-        for lo in range(0, len(rows), cfg.micro_batch_size):
-            hi = lo + cfg.micro_batch_size
-            lrs = train.token_rewards(dpo_model, ref, tok, prompts[lo:hi], responses[lo:hi])
+        for lo in range(0, len(rows), ev.micro_batch_size):
+            hi = lo + ev.micro_batch_size
+            lrs = train.dpo_log_ratios(dpo_model, ref, tok, prompts[lo:hi], responses[lo:hi])
             for r, ids, lr in zip(rows[lo:hi], responses[lo:hi], lrs):
                 gold = train.gold_per_token(task, r.prompt, tok, ids)
                 if gold is not None:
@@ -206,6 +218,21 @@ def table(cfg: SweepConfig, per_seed: list[dict]) -> str:
             m, h = interval([s[f"{algo}_b{b}"]["gold"] - s[f"ppo_b{b}"]["gold"] for s in per_seed])
             cells.append(f"{m:+.2f} ± {h:.2f}")
         lines.append(f"| {algo} | " + " | ".join(cells) + " |")
+    others = [e for e in cfg.estimators.split(",") if e != "gae"]
+    if others and "ppo" in cfg.algos.split(","):
+        # the same question without a critic: does the dense reward still beat the sparse one?
+        lines += ["", f"| estimator (full budget; critic-free ones: {cfg.samples_per_prompt} samples per prompt) | "
+                      + " | ".join(f"{a} gold" for a in cfg.algos.split(",")) + " | "
+                      + " | ".join(f"{a} minus ppo, paired" for a in cfg.algos.split(",") if a != "ppo") + " |",
+                  "|---|" + "---|" * (2 * len(cfg.algos.split(",")) - 1)]
+        for est in ["gae", *others]:
+            name = (lambda a: f"{a}_b1") if est == "gae" else (lambda a, e=est: f"{a}_{e}_b1")
+            cells = ["{:.2f} ± {:.2f}".format(*interval([s[name(a)]["gold"] for s in per_seed]))
+                     for a in cfg.algos.split(",")]
+            cells += ["{:+.2f} ± {:.2f}".format(*interval([s[name(a)]["gold"] - s[name("ppo")]["gold"]
+                                                           for s in per_seed]))
+                      for a in cfg.algos.split(",") if a != "ppo"]
+            lines.append(f"| {est} | " + " | ".join(cells) + " |")
     c, ci = interval([s["correlation"] for s in per_seed])
     a, _ = interval([s["rm_accuracy"] for s in per_seed])
     lines += ["", f"Correlation of the DPO token reward log(pi_dpo/pi_ref) with the gold per-token reward on held-out "

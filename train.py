@@ -37,7 +37,7 @@ import ppo as ppo_math
 import reward as rm_math
 import rto
 import hf
-from data import TASKS, DataError, WordTask, collate, pad_left, read_preferences, read_prompts, read_sft
+from data import TASKS, DataError, WordTask, collate, load_task, pad_left, read_preferences, read_prompts, read_sft
 from hf import Tokenizer, train_tokenizer
 from model import Llama, generate
 from runtime import (D, Logger, UserError, all_max, all_sum, barrier, check_finite, check_range, check_slot, close_dist,
@@ -46,7 +46,7 @@ from runtime import (D, Logger, UserError, all_max, all_sum, barrier, check_fini
                      write_json, memory_plan, plan_text, measured_memory)
 
 
-def F(default, help: str, range: str | None = None, choices: tuple | None = None):
+def option(default, help: str, range: str | None = None, choices: tuple | None = None):
     """A config field with its one-line help (shown by --help, printed at start) and what values make sense:
     range "(0, inf)", "[0, 1]", ... (open or closed ends; floats must also be finite) or a tuple of choices,
     checked at start by runtime.check_range."""
@@ -61,110 +61,160 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 # ==========================================================================================================
-# Configs: one dataclass per stage; every constant that shapes a result is a field here.
+# Configs: one dataclass per command; every constant that shapes a result is a field, declared once. Fields that
+# several commands share live in the small bases first, and each command's config inherits the ones it uses.
 
 
 @dataclass
-class Config:
+class SeedField:
+    seed: int = option(0, "seeds init, data order and sampling: the same seed gives the same run on CPU")
+
+
+@dataclass
+class DeviceField:
+    device: str = option("auto", "auto | cpu | cuda", choices=DEVICES)
+
+
+@dataclass
+class Bf16Field:
+    bf16: bool = option(False, "bf16 parameters/compute with fp32 master weights and fp32 gradient reduction (GPU)")
+
+
+@dataclass
+class RunDirFields:
+    overwrite: bool = option(False, "a fresh run may replace a finished run's final/ in --out (at its end)")
+    progress: bool = option(True, "show tqdm bars (never when the output is not a terminal's)")
+
+
+@dataclass
+class SamplingFields:
+    temperature: float = option(1.0, "sampling temperature (0: greedy, `sample` only); PPO's log-probs use the "
+                                     "same one", NONNEG)
+    top_k: int = option(0, "sample from the k most likely tokens (0: all); PPO's log-probs stay those of the full "
+                           "distribution (as in the reference code), so anything but 0 makes PPO slightly off-policy",
+                        NONNEG)
+    top_p: float = option(1.0, "nucleus sampling mass (1: all); the same caveat as top_k", "(0, 1]")
+
+
+@dataclass
+class TaskFields:
+    """A built-in task whose true reward is shown beside the learned ones (ppo: the gold reward every step;
+    explain: the gold reward of every token)."""
+    task: str = option("", "a built-in task: a name from data.TASKS (words | credit, with --task_seed) or the "
+                           "task.json `train.py all` writes under <out>/data ('': none)")
+    task_seed: int = option(0, "the seed of a --task given by name (the --seed its data was made with)")
+
+
+@dataclass
+class SetField:
+    set: list = option([], "any field of a stage's own config: --set ppo.top_k=50 --set sft.lr=1e-3 (stages sft, "
+                           "dpo, rm, ppo; repeat --set)")
+
+
+@dataclass
+class Config(SeedField, DeviceField, Bf16Field, RunDirFields):
     """Fields shared by every training stage."""
-    out: str = F("runs/run", "run directory: train_config.json, metrics.jsonl, checkpoints/, final/")
-    seed: int = F(0, "seeds init, data order and sampling: the same seed gives the same run on CPU")
-    device: str = F("auto", "auto | cpu | cuda", choices=DEVICES)
-    bf16: bool = F(False, "bf16 parameters/compute with fp32 master weights and fp32 gradient reduction (GPU)")
-    activation_checkpointing: bool = F(False, "recompute each transformer block in backward to save memory")
-    lr: float = F(1e-5, "peak learning rate (cosine schedule)", POS)
-    warmup_ratio: float = F(0.03, "fraction of steps of linear warm-up (reference code: 3%)", UNIT)
-    min_lr_ratio: float = F(0.1, "the cosine decays to min_lr_ratio * lr (reference code: 0.1)", UNIT)
-    weight_decay: float = F(0.0, "AdamW weight decay (reference code: 0)", NONNEG)
-    adam_beta1: float = F(0.9, "Adam beta1", "[0, 1)")
-    adam_beta2: float = F(0.95, "Adam beta2 (reference code: 0.95)", "[0, 1)")
-    grad_clip: float = F(1.0, "clip the global gradient norm to this (reference code: 1.0)", POS)
-    batch_size: int = F(32, "examples per optimizer step, over all ranks", COUNT)
-    micro_batch_size: int = F(8, "examples per forward pass on one rank (gradient accumulation makes up the rest)",
+    out: str = option("runs/run", "run directory: train_config.json, metrics.jsonl, checkpoints/, final/")
+    activation_checkpointing: bool = option(False, "recompute each transformer block in backward to save memory")
+    lr: float = option(1e-5, "peak learning rate (cosine schedule)", POS)
+    warmup_ratio: float = option(0.03, "fraction of steps of linear warm-up (reference code: 3%)", UNIT)
+    min_lr_ratio: float = option(0.1, "the cosine decays to min_lr_ratio * lr (reference code: 0.1)", UNIT)
+    weight_decay: float = option(0.0, "AdamW weight decay (reference code: 0)", NONNEG)
+    adam_beta1: float = option(0.9, "Adam beta1", "[0, 1)")
+    adam_beta2: float = option(0.95, "Adam beta2 (reference code: 0.95)", "[0, 1)")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (reference code: 1.0)", POS)
+    batch_size: int = option(32, "examples per optimizer step, over all ranks", COUNT)
+    micro_batch_size: int = option(8, "examples per forward pass on one rank (gradient accumulation makes up the rest)",
                              COUNT)
-    epochs: int = F(1, "passes over the data", COUNT)
-    max_steps: int = F(0, "stop after this many optimizer steps (0: run the epochs)", NONNEG)
-    max_prompt_len: int = F(256, "prompt tokens kept (the END of a longer prompt, so the generation cue survives)",
+    epochs: int = option(1, "passes over the data", COUNT)
+    max_steps: int = option(0, "stop after this many optimizer steps (0: run the epochs)", NONNEG)
+    max_prompt_len: int = option(256, "prompt tokens kept (the END of a longer prompt, so the generation cue survives)",
                            "[2, inf)")
-    max_response_len: int = F(256, "response tokens kept (the START of a longer response; a cut one has no EOS)",
+    max_response_len: int = option(256, "response tokens kept (the START of a longer response; a cut one has no EOS)",
                              COUNT)
-    save_every: int = F(0, "write a resumable checkpoint every N steps (0: only the final HF export)", NONNEG)
-    resume: bool = F(False, "continue from the latest complete checkpoint in <out>/checkpoints (its config must match, but for runtime.RESUME_MAY_CHANGE)")
-    overwrite: bool = F(False, "a fresh run may replace a finished run's final/ in --out (at its end)")
-    progress: bool = F(True, "show a tqdm bar")
-    offload_frozen: bool = F(False, "keep frozen models' shards in host memory between forwards (FSDP2 CPU offload; "
+    save_every: int = option(0, "write a resumable checkpoint every N steps (0: only the final HF export)", NONNEG)
+    resume: bool = option(False, "continue from the latest complete checkpoint in <out>/checkpoints (its config must match, but for runtime.RESUME_MAY_CHANGE)")
+    offload_frozen: bool = option(False, "keep frozen models' shards in host memory between forwards (FSDP2 CPU offload; "
                                     "with several processes or --bf16)")
 
 
 @dataclass
 class SFTConfig(Config):
-    data: str = F("", "SFT JSONL: {prompt, response} or {messages} rows")
-    model: str = F("", "HF-format checkpoint directory to start from (with tokenizer.json); empty: a new model")
-    preset: str = F("tiny", "model.py preset for a NEW model, used only when --model is empty")
-    tokenizer: str = F("", "directory holding tokenizer.json, when --model is empty")
-    out: str = F("runs/sft", "run directory")
-    lr: float = F(1e-5, "peak learning rate", POS)
+    data: str = option("", "SFT JSONL: {prompt, response} or {messages} rows")
+    model: str = option("", "HF-format checkpoint directory to start from (with tokenizer.json); empty: a new model")
+    preset: str = option("tiny", "model.py preset for a NEW model, used only when --model is empty")
+    tokenizer: str = option("", "directory holding tokenizer.json, when --model is empty")
+    out: str = option("runs/sft", "run directory")
+    lr: float = option(1e-5, "peak learning rate", POS)
 
 
 @dataclass
 class DPOConfig(Config):
-    data: str = F("", "preference JSONL: {prompt, chosen, rejected} rows")
-    eval_data: str = F("", "held-out preference JSONL for reward accuracy (optional)")
-    model: str = F("", "the SFT checkpoint to start from (with tokenizer.json)")
-    out: str = F("runs/dpo", "run directory")
-    lr: float = F(5e-7, "peak learning rate", POS)
-    beta: float = F(0.1, "DPO beta: strength of the KL anchor to the reference (the SFT model)", POS)
-    label_smoothing: float = F(0.0, "conservative DPO: assumed fraction of flipped labels (0 = plain DPO)", "[0, 0.5)")
-    loss_type: str = F("sigmoid", "sigmoid (DPO) | ipo", choices=("sigmoid", "ipo"))
+    data: str = option("", "preference JSONL: {prompt, chosen, rejected} rows")
+    eval_data: str = option("", "held-out preference JSONL for reward accuracy (optional)")
+    model: str = option("", "the SFT checkpoint to start from (with tokenizer.json)")
+    out: str = option("runs/dpo", "run directory")
+    lr: float = option(5e-7, "peak learning rate", POS)
+    beta: float = option(0.1, "DPO beta: strength of the KL anchor to the reference (the SFT model)", POS)
+    label_smoothing: float = option(0.0, "conservative DPO: assumed fraction of flipped labels (0 = plain DPO)", "[0, 0.5)")
+    loss_type: str = option("sigmoid", "sigmoid (DPO) | ipo", choices=("sigmoid", "ipo"))
 
 
 @dataclass
 class RMConfig(Config):
-    data: str = F("", "preference JSONL: {prompt, chosen, rejected} rows")
-    eval_data: str = F("", "held-out preference JSONL: accuracy, and the score mean/std stored for PPO")
-    model: str = F("", "the SFT checkpoint to start from (with tokenizer.json)")
-    out: str = F("runs/rm", "run directory")
-    lr: float = F(9e-6, "peak learning rate", POS)
+    data: str = option("", "preference JSONL: {prompt, chosen, rejected} rows")
+    eval_data: str = option("", "held-out preference JSONL: accuracy, and the score mean/std stored for PPO")
+    model: str = option("", "the SFT checkpoint to start from (with tokenizer.json)")
+    out: str = option("runs/rm", "run directory")
+    lr: float = option(9e-6, "peak learning rate", POS)
 
 
 @dataclass
-class PPOConfig(Config):
-    prompts: str = F("", "prompt JSONL: {prompt} or {messages} rows")
-    algo: str = F("rto", "ppo (sparse r_MLE) | rto (dense DPO reward + r_MLE) | semi-rto | dpo-only", choices=rto.ALGOS)
-    policy: str = F("", "the SFT checkpoint: initial policy and the KL reference pi_ref")
-    dpo: str = F("", "the DPO checkpoint (rto, semi-rto, dpo-only)")
-    rm: str = F("", "the reward model checkpoint (ppo, rto, semi-rto)")
-    critic: str = F("", "critic init (default: --rm, as the reference code does; else --policy + a new head)")
-    out: str = F("runs/ppo", "run directory")
-    lr: float = F(5e-7, "actor peak learning rate", POS)
-    critic_lr: float = F(9e-6, "critic peak learning rate", POS)
-    batch_size: int = F(32, "prompts per PPO minibatch (one optimizer step of actor and critic), over all ranks",
-                       COUNT)
-    rollout_batch_size: int = F(64, "prompts sampled per rollout, over all ranks", COUNT)
-    ppo_epochs: int = F(1, "passes over each rollout (reference code: 1)", COUNT)
-    temperature: float = F(1.0, "sampling temperature; log-probs use the same one", POS)
-    top_k: int = F(0, "sample from the k most likely tokens (0: all); log-probs stay those of the full "
-                      "distribution (as in the reference code), so anything but 0 makes PPO slightly off-policy", NONNEG)
-    top_p: float = F(1.0, "nucleus sampling mass (1: all); the same caveat as top_k", "(0, 1]")
-    beta1: float = F(0.05, "RTO: scale of the DPO token reward log(pi_dpo/pi_ref) (reference dpo_reward_scale 0.05)",
+class PPOConfig(Config, SamplingFields, TaskFields):
+    prompts: str = option("", "prompt JSONL: {prompt} or {messages} rows")
+    algo: str = option("rto", "the token reward, a row of rto.ALGOS: ppo (sparse r_MLE) | rto (dense DPO reward + "
+                              "r_MLE) | semi-rto | dpo-only | ...", choices=tuple(rto.ALGOS))
+    policy: str = option("", "the SFT checkpoint: initial policy and the KL reference pi_ref")
+    dpo: str = option("", "the DPO checkpoint (rto, semi-rto, dpo-only)")
+    rm: str = option("", "the reward model checkpoint (ppo, rto, semi-rto)")
+    critic: str = option("", "critic init (default: --rm, as the reference code does; else --policy + a new head)")
+    out: str = option("runs/ppo", "run directory")
+    lr: float = option(5e-7, "actor peak learning rate", POS)
+    critic_lr: float = option(9e-6, "critic peak learning rate", POS)
+    batch_size: int = option(32, "responses per PPO minibatch (one optimizer step of actor and critic), over all ranks",
+                            COUNT)
+    rollout_batch_size: int = option(64, "responses sampled per rollout (prompts x samples_per_prompt), over all ranks",
+                                     COUNT)
+    ppo_epochs: int = option(1, "passes over each rollout (reference code: 1)", COUNT)
+    estimator: str = option("gae", "advantage estimator (ppo.py): gae (the paper's: a critic, GAE, whitening) | rloo | "
+                                   "grpo | rloo-token (critic-free: a group baseline over --samples_per_prompt "
+                                   "responses per prompt)", choices=ppo_math.ESTIMATORS)
+    samples_per_prompt: int = option(1, "responses sampled per prompt in a rollout (k; the group baselines need "
+                                        ">= 2); rollout_batch_size and batch_size count responses", COUNT)
+    whiten_advantages: bool = option(True, "whiten advantages over the whole rollout, all ranks (reference code, "
+                                           "for GAE's); applies to every estimator")
+    grpo_eps: float = option(1e-4, "grpo: added to the group's std before dividing (TRL's 1e-4)", POS)
+    kl_anchor: str = option("sft", "the model the KL penalty keeps pi near: sft (reference code; pi_ref) | dpo "
+                                   "(needs --dpo)", choices=("sft", "dpo"))
+    beta1: float = option(0.05, "RTO: scale of the DPO token reward log(pi_dpo/pi_ref) (reference dpo_reward_scale 0.05)",
                      POS)
-    dpo_clip: float = F(0.05, "RTO: clip each DPO token reward to +-this (reference: 0.05; inf: no clip)", "(0, inf]")
-    beta2: float = F(0.01, "KL coefficient: -beta2 * KL(pi || pi_ref) per token (reference init_kl_coef 0.01)", NONNEG)
-    beta3: float = F(1.0, "weight of the reward model score on the last token", NONNEG)
-    kl_estimator: str = F("k1", "per-token KL estimator: k1 (reference) | k3", choices=("k1", "k3"))
-    gamma: float = F(1.0, "GAE discount (reference: 1)", UNIT)
-    lam: float = F(0.95, "GAE lambda (reference: 0.95)", UNIT)
-    clip_eps: float = F(0.2, "PPO ratio clip (reference: 0.2)", POS)
-    value_clip: float = F(0.2, "value clip around the rollout values (reference: 0.2)", POS)
-    reward_clip: float = F(10.0, "clamp the normalised RM score to +-this (reference: 10)", POS)
-    normalize_reward: bool = F(True, "(score - mean) / std with the mean/std stored in the RM checkpoint")
-    no_eos_penalty: float = F(1.0, "subtracted on the last token of a response cut by max_response_len, in units "
+    dpo_clip: float = option(0.05, "RTO: clip each DPO token reward to +-this (reference: 0.05; inf: no clip)", "(0, inf]")
+    beta2: float = option(0.01, "KL coefficient: -beta2 * KL(pi || pi_ref) per token (reference init_kl_coef 0.01)", NONNEG)
+    beta3: float = option(1.0, "weight of the reward model score on the last token", NONNEG)
+    kl_estimator: str = option("k1", "per-token KL estimator: k1 (reference) | k3", choices=("k1", "k3"))
+    gamma: float = option(1.0, "GAE discount (reference: 1)", UNIT)
+    lam: float = option(0.95, "GAE lambda (reference: 0.95)", UNIT)
+    clip_eps: float = option(0.2, "PPO ratio clip (reference: 0.2)", POS)
+    value_clip: float = option(0.2, "value clip around the rollout values (reference: 0.2)", POS)
+    reward_clip: float = option(10.0, "clamp the normalised RM score to +-this (reference: 10)", POS)
+    normalize_reward: bool = option(True, "(score - mean) / std with the mean/std stored in the RM checkpoint")
+    no_eos_penalty: float = option(1.0, "subtracted on the last token of a response cut by max_response_len, in units "
                                    "of the normalised score (our addition: the reference code has no such term)", NONNEG)
-    delimiters: str = F(".,;:!?\n", "semi-rto: a token whose text holds one of these ends a segment")
-    plan: bool = F(False, "print the memory plan (per GPU, per model) for these checkpoints and exit, reading only "
+    delimiters: str = option(".,;:!?\n", "semi-rto: a token whose text holds one of these ends a segment")
+    plan: bool = option(False, "print the memory plan (per GPU, per model) for these checkpoints and exit, reading only "
                           "their config.json")
-    plan_world: int = F(0, "the number of GPUs to plan for (0: this run's processes)", NONNEG)
-    max_response_len: int = F(128, "max new tokens per response", COUNT)
+    plan_world: int = option(0, "the number of GPUs to plan for (0: this run's processes)", NONNEG)
+    max_response_len: int = option(128, "max new tokens per response", COUNT)
 
 
 # ==========================================================================================================
@@ -464,7 +514,7 @@ def run_rm(cfg: RMConfig) -> Path:
 
 
 # ==========================================================================================================
-# PPO with the dense RTO reward. One step = one rollout (sample, score) + PPO epochs over it.
+# PPO with the dense RTO reward. One step: rollout (sample, score) -> token rewards -> advantages -> update -> log.
 
 
 def seed_for(*parts: int) -> int:
@@ -473,18 +523,18 @@ def seed_for(*parts: int) -> int:
 
 
 @torch.no_grad()
-def sample_responses(model: Llama, tok: Tokenizer, prompts: list[list[int]], cfg: PPOConfig, gen) -> dict:
-    """Sample one response per prompt, in micro-batches; returns the [left-padded prompt | right-padded response]
+def sample_responses(model: Llama, tok: Tokenizer, prompts: list[list[int]], gen, *, max_new_tokens: int,
+                     temperature: float, top_k: int, top_p: float, micro: int) -> dict:
+    """Sample one response per prompt row, in micro-batches; returns the [left-padded prompt | right-padded response]
     batch with response_mask True up to and including each row's EOS."""
     p_ids, p_mask = pad_left(prompts, tok.pad_id)
     p_ids, p_mask = p_ids.to(D.device), p_mask.to(D.device)
     model.eval()
     outs = []
     with gathered(model):
-        for rows in chunks(list(range(len(prompts))), cfg.micro_batch_size):
-            outs.append(generate(model, p_ids[rows], p_mask[rows], cfg.max_response_len, stop_ids=tok.stop_ids,
-                                 pad_id=tok.pad_id, temperature=cfg.temperature, top_k=cfg.top_k,
-                                 top_p=cfg.top_p, generator=gen))
+        for rows in chunks(list(range(len(prompts))), micro):
+            outs.append(generate(model, p_ids[rows], p_mask[rows], max_new_tokens, stop_ids=tok.stop_ids,
+                                 pad_id=tok.pad_id, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen))
     R = max(t.shape[1] for t, _ in outs)
     tokens = torch.cat([torch.nn.functional.pad(t, (0, R - t.shape[1]), value=tok.pad_id) for t, _ in outs])
     mask = torch.cat([torch.nn.functional.pad(m, (0, R - m.shape[1]), value=False) for _, m in outs])
@@ -496,19 +546,221 @@ def micro_view(buf: dict, rows) -> dict:
     return {k: (v[rows] if torch.is_tensor(v) else v) for k, v in buf.items()}
 
 
-def run_ppo(cfg: PPOConfig, gold=None) -> Path:
-    """gold(prompt_messages, response_text) -> float, when the true reward is known (the built-in task)."""
+def ppo_steps(cfg: PPOConfig, n_prompts: int) -> int:
+    """The batch arithmetic of a PPO run, checked once. A rollout is rollout_batch_size responses, samples_per_prompt
+    to each prompt, every rank holding whole groups (the group baselines need no communication); it splits into
+    minibatches of batch_size responses, each a whole number of micro-batches on every rank. Returns the rollouts."""
+    k, world = cfg.samples_per_prompt, D.world
+    if cfg.temperature == 0:
+        raise UserError("--temperature 0 (greedy) is for `sample`: PPO needs a sampling distribution (> 0)")
+    if cfg.estimator != "gae" and k < 2:
+        raise UserError(f"--estimator {cfg.estimator} compares the responses to one prompt: give --samples_per_prompt "
+                        f"2 or more (RLOO and GRPO use 4 to 64)")
+    if cfg.rollout_batch_size % (k * world):
+        raise UserError(f"rollout_batch_size {cfg.rollout_batch_size} is not a multiple of samples_per_prompt {k} x "
+                        f"{world} processes: each rank samples every response of its prompts")
+    if cfg.rollout_batch_size % cfg.batch_size:
+        raise UserError(f"rollout_batch_size {cfg.rollout_batch_size} is not a multiple of batch_size {cfg.batch_size}")
+    if cfg.batch_size % world:
+        raise UserError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
+    if (cfg.batch_size // world) % cfg.micro_batch_size:
+        raise UserError(f"per-rank batch {cfg.batch_size // world} is not divisible by micro_batch_size "
+                        f"{cfg.micro_batch_size}")
+    per_rollout = cfg.rollout_batch_size // k
+    if n_prompts < per_rollout:
+        raise UserError(f"{cfg.prompts}: {n_prompts} prompts are fewer than one rollout's {per_rollout}")
+    return cfg.max_steps or cfg.epochs * (n_prompts // per_rollout)
+
+
+def reward_normalisation(cfg: PPOConfig, rm_model) -> tuple[float, float]:
+    """(mean, std) that r_MLE is normalised with: the RM's own held-out statistics (reference --normalize_reward)."""
+    if rm_model is None or not cfg.normalize_reward:
+        return 0.0, 1.0
+    mean, std = rm_model.args.score_mean, rm_model.args.score_std
+    if std is None:
+        raise UserError(f"{cfg.rm}/config.json has no rto_score_mean/rto_score_std: train it with "
+                        f"`train.py rm`, or pass --no-normalize_reward")
+    if not (math.isfinite(std) and std > 0 and math.isfinite(mean)):
+        raise UserError(f"{cfg.rm}/config.json: field 'rto_score_std' is {std} (mean {mean}): the RM "
+                        f"gave every held-out response the same score, so normalising by it is meaningless; "
+                        f"retrain the RM or pass --no-normalize_reward")
+    return mean, std
+
+
+def set_grad_sync(model, on: bool):
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP: reduce-scatter once, after a minibatch's last micro
+        model.set_requires_gradient_sync(on)
+
+
+class Critic:
+    """The value model V(s_h) that GAE needs, its optimizer and its loss, in one place. It exists only for
+    --estimator gae: the critic-free estimators load no critic, build no optimizer and save none.
+
+    It starts from the reward model, as the reference code's does (--critic another checkpoint; an algorithm without
+    an RM: the SFT backbone with a new head). A critic that starts as a reward model predicts raw scores while the
+    returns it regresses on are built from normalised ones, so, as the reference code's, its outputs are read
+    through its own stored normalisation."""
+
+    def __init__(self, cfg: PPOConfig, tok: Tokenizer, path: str, updates: int):
+        self.model = open_model(path, "score", cfg, tok)
+        stats = self.model.args.score_std is not None and cfg.normalize_reward and "rm_score" in rto.ALGOS[cfg.algo].needs
+        self.shift, self.scale = (self.model.args.score_mean, self.model.args.score_std) if stats else (0.0, 1.0)
+        self.opt, self.sched = make_optimizer(self.model, cfg.critic_lr, cfg, updates)
+        self.value_clip, self.grad_clip = cfg.value_clip, cfg.grad_clip
+
+    def values(self, b: dict):
+        """V(s_h) for every response token: the critic's output at the position before token h. (B, R)."""
+        P = b["prompt_len"]
+        return (self.model(b["input_ids"], b["attention_mask"])[:, P - 1:-1].float() - self.shift) / self.scale
+
+    def backward(self, b: dict, n_micro: int, last: bool) -> dict:
+        """The clipped value loss of one micro-batch, backward (scaled for a minibatch of n_micro), its stats."""
+        set_grad_sync(self.model, last)
+        loss, stats = ppo_math.value_loss(self.values(b), b["values_old"], b["returns"], b["response_mask"],
+                                          self.value_clip)
+        (loss / n_micro).backward()
+        return {"value_loss": loss, **stats}
+
+    def step(self, step: int, losses: list[float]):
+        clip_and_step(self.model, self.opt, self.sched, self.grad_clip, step, {"value_loss": losses})
+
+
+@torch.no_grad()
+def rollout(actor, models: dict, critic: Critic | None, tok: Tokenizer, prompts: list[list[int]], cfg: PPOConfig,
+            gen) -> dict:
+    """1. Sample, then score every response token with the frozen models (no grad): the policy's own log-probs
+    (logp_old), the SFT reference's, the DPO model's and the RM's score where the algorithm needs them, and the
+    critic's values. All log-probs use the sampling temperature, as the reference code does; at temperature != 1
+    the DPO term is then the log-ratio of the two tempered distributions, not exactly DPO's implicit reward.
+    The update's micro-batches are exactly these rows, so its first minibatch reproduces logp_old bit for bit."""
+    t0 = time.perf_counter()
+    buf = sample_responses(actor, tok, prompts, gen, max_new_tokens=cfg.max_response_len, temperature=cfg.temperature,
+                           top_k=cfg.top_k, top_p=cfg.top_p, micro=cfg.micro_batch_size)
+    t_gen = time.perf_counter()
+    P, mask = buf["prompt_len"], buf["response_mask"]
+    stop = torch.tensor(tok.stop_ids, device=mask.device)
+    buf["ended"] = (torch.isin(buf["input_ids"][:, P:], stop) & mask).any(-1)  # any stop id (Llama-3.1 has three)
+    parts = {}
+    for rows in chunks(list(range(len(prompts))), cfg.micro_batch_size):
+        b = micro_view(buf, rows)
+        got = {"logp_old": response_logprobs(actor, b, cfg.temperature),
+               "logp_ref": response_logprobs(models["ref"], b, cfg.temperature)}
+        if models["dpo"] is not None:
+            got["logp_dpo"] = response_logprobs(models["dpo"], b, cfg.temperature)
+        if models["rm"] is not None:
+            got["score"] = scores(models["rm"])(b)
+        if critic is not None:
+            got["values_old"] = critic.values(b)
+        for key, v in got.items():
+            parts.setdefault(key, []).append(v)
+    buf.update({k: torch.cat(v) for k, v in parts.items()})
+    buf["time_gen_s"], buf["time_score_s"] = t_gen - t0, time.perf_counter() - t_gen
+    return buf
+
+
+def token_rewards(cfg: PPOConfig, buf: dict, score_norm: tuple[float, float], delim_ids):
+    """2. The dense per-token reward of cfg.algo (rto.dense_rewards): returns (rewards (B, R), components)."""
+    P, mask = buf["prompt_len"], buf["response_mask"]
+    score = (rm_math.normalize_score(buf["score"], *score_norm, cfg.reward_clip) if "score" in buf else None)
+    delimiters = delim_ids[buf["input_ids"][:, P:]] & mask if delim_ids is not None else None
+    anchor = buf["logp_ref"] if cfg.kl_anchor == "sft" else buf["logp_dpo"]
+    return rto.dense_rewards(cfg.algo, logp=buf["logp_old"], logp_anchor=anchor, logp_ref=buf["logp_ref"], mask=mask,
+                             rm_score=score, logp_dpo=buf.get("logp_dpo"), delimiter_mask=delimiters,
+                             ended=buf["ended"], beta1=cfg.beta1, dpo_clip=cfg.dpo_clip, beta2=cfg.beta2,
+                             beta3=cfg.beta3, kl_estimator=cfg.kl_estimator, no_eos_penalty=cfg.no_eos_penalty)
+
+
+def advantages(cfg: PPOConfig, rewards, mask, values=None):
+    """3. The advantage estimator (ppo.py): (advantages, returns), returns None without a critic. GAE is the
+    paper's; the others compare the samples_per_prompt responses to each prompt (rows grouped by rollout()).
+    Whitened over the whole rollout on all ranks, as the reference code whitens GAE's."""
+    k, returns = cfg.samples_per_prompt, None
+    if cfg.estimator == "gae":
+        adv, returns = ppo_math.gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    elif cfg.estimator == "rloo":
+        adv = ppo_math.rloo(rewards, mask, k, cfg.gamma)
+    elif cfg.estimator == "grpo":
+        adv = ppo_math.grpo(rewards, mask, k, cfg.gamma, cfg.grpo_eps)
+    else:
+        adv = ppo_math.rloo_token(rewards, mask, k, cfg.gamma)
+    if cfg.whiten_advantages:
+        adv = ppo_math.masked_whiten(adv, mask)
+    return adv, returns
+
+
+def update(cfg: PPOConfig, actor, actor_opt, actor_sched, critic: Critic | None, buf: dict, step: int) -> dict:
+    """4. PPO epochs over the rollout: minibatches of whole micro-batches in a seeded order, one optimizer step
+    (actor, and critic if any) per minibatch. Returns the per-micro-batch stats and first_dev, the largest
+    |logp - logp_old| of the first micro-batch (exactly 0 when on-policy: no dropout, fp32 log-softmax)."""
+    micro_rows = chunks(list(range(buf["response_mask"].shape[0])), cfg.micro_batch_size)
+    per_minibatch = cfg.batch_size // D.world // cfg.micro_batch_size  # micro-batches per minibatch on this rank
+    actor.train()
+    if critic is not None:
+        critic.model.train()
+    stats, first_dev = {}, None
+    for epoch in range(cfg.ppo_epochs):
+        order = np.random.default_rng(seed_for(cfg.seed, step, epoch)).permutation(len(micro_rows))
+        for m0 in range(0, len(order), per_minibatch):
+            minibatch = [micro_rows[j] for j in order[m0:m0 + per_minibatch]]
+            for i, rows in enumerate(minibatch):
+                b, last = micro_view(buf, rows), i == len(minibatch) - 1
+                set_grad_sync(actor, last)
+                logp, ent = response_logprobs(actor, b, cfg.temperature, entropy=True)
+                pl, pst = ppo_math.policy_loss(logp, b["logp_old"], b["advantages"], b["response_mask"], cfg.clip_eps)
+                (pl / len(minibatch)).backward()
+                vst = critic.backward(b, len(minibatch), last) if critic is not None else {}
+                if first_dev is None:
+                    first_dev = float((logp.detach() - b["logp_old"]).abs().masked_fill(~b["response_mask"], 0).max())
+                for key, v in {"policy_loss": pl, **pst, **vst,
+                               "entropy": ppo_math.masked_mean(ent, b["response_mask"])}.items():
+                    stats.setdefault(key, []).append(float(v.detach()))
+            # this minibatch's losses are checked with the gradient norms, before each optimizer step
+            clip_and_step(actor, actor_opt, actor_sched, cfg.grad_clip, step + 1,
+                          {"policy_loss": stats["policy_loss"][-len(minibatch):]})
+            if critic is not None:
+                critic.step(step + 1, stats["value_loss"][-len(minibatch):])
+    return {"stats": stats, "first_dev": first_dev}
+
+
+def ppo_metrics(buf: dict, rewards, comp: dict, upd: dict, texts_gold: list[float] | None) -> dict:
+    """5. One step's metrics: per-sequence sums averaged over every rank's responses, the update's stats."""
+    mask, N = buf["response_mask"], buf["response_mask"].shape[0]
+    seq = {"score": buf["score"] if "score" in buf else torch.zeros(N, device=D.device),
+           "reward": ppo_math.masked_sum(rewards, mask, -1), "kl": ppo_math.masked_sum(comp["kl"], mask, -1),
+           "dpo_reward": ppo_math.masked_sum(comp["dpo"], mask, -1), "resp_len": mask.sum(-1).float(),
+           "eos_frac": buf["ended"].float()}
+    if texts_gold is not None:
+        seq["gold"] = torch.tensor(texts_gold, device=D.device)
+    stats = upd["stats"]
+    metrics = reduce_metrics({k: float(v.sum()) for k, v in seq.items()}, N)
+    metrics.update(reduce_metrics({k: float(np.mean(v)) for k, v in stats.items()}, 1))
+    metrics["ratio_max"] = all_max(max(stats["ratio_max"]))  # a max over every minibatch and rank, not a mean
+    if "returns" in buf:
+        metrics["explained_var"] = reduce_metrics({"ev": ppo_math.explained_variance(
+            buf["values_old"], buf["returns"], mask)}, 1)["ev"]
+    metrics["first_logp_dev"] = float(all_sum(torch.tensor(upd["first_dev"])))  # exactly 0 when on-policy
+    return metrics
+
+
+def run_ppo(cfg: PPOConfig) -> Path:
     check_range(cfg)
-    uses_dpo, uses_rm = cfg.algo in rto.USES_DPO, cfg.algo in rto.USES_RM
-    for flag, needed in (("policy", True), ("prompts", not cfg.plan), ("dpo", uses_dpo), ("rm", uses_rm)):
+    algo = rto.ALGOS[cfg.algo]
+    uses_dpo = "logp_dpo" in algo.needs or cfg.kl_anchor == "dpo"
+    uses_rm, uses_critic = "rm_score" in algo.needs, cfg.estimator == "gae"
+    for flag, needed, why in (("policy", True, f"--algo {cfg.algo}"), ("prompts", not cfg.plan, f"--algo {cfg.algo}"),
+                              ("dpo", uses_dpo, f"--algo {cfg.algo}" + (" --kl_anchor dpo" if cfg.kl_anchor == "dpo"
+                                                                         else "")),
+                              ("rm", uses_rm, f"--algo {cfg.algo}")):
         if needed and not getattr(cfg, flag):
-            raise UserError(f"--algo {cfg.algo} needs --{flag}")
+            raise UserError(f"{why} needs --{flag}")
+    if cfg.critic and not uses_critic:
+        raise UserError(f"--critic {cfg.critic}: --estimator {cfg.estimator} has no critic (only gae uses one)")
     critic_path = cfg.critic or (cfg.rm if uses_rm else cfg.policy)
-    slots = {"actor": (cfg.policy, True, "lm"), "ref": (cfg.policy, False, "lm"), "dpo": (cfg.dpo, False, "lm"),
-             "rm": (cfg.rm, False, "score"), "critic": (critic_path, True, "score")}
-    used = {k: v for k, v in slots.items() if (k != "dpo" or uses_dpo) and (k != "rm" or uses_rm)}
+    slots = {"actor": (cfg.policy, True, "lm"), "ref": (cfg.policy, False, "lm")}
+    slots.update({k: v for k, v, used in (("dpo", (cfg.dpo, False, "lm"), uses_dpo), ("rm", (cfg.rm, False, "score"), uses_rm),
+                                          ("critic", (critic_path, True, "score"), uses_critic)) if used})
     plan = memory_plan({k: (dataclasses.replace(hf.read_config(p), head=h, tie_embeddings=hf.read_config(p).tie_embeddings
-                                                 and h == "lm"), trained) for k, (p, trained, h) in used.items()},
+                                                 and h == "lm"), trained) for k, (p, trained, h) in slots.items()},
                        cfg, cfg.plan_world or D.world, cfg.max_prompt_len)
     print0(plan_text(plan))
     if cfg.plan:
@@ -526,152 +778,66 @@ def run_ppo(cfg: PPOConfig, gold=None) -> Path:
     tok = open_tokenizer(cfg.policy)
     prompt_rows = read_prompts(cfg.prompts)
     prompts = encode_rows(prompt_rows, lambda r: tok.encode_prompt(r.prompt, cfg.max_prompt_len))
+    gold = load_task(cfg.task, cfg.task_seed).gold_reward if cfg.task else None
+    total = ppo_steps(cfg, len(prompts))
 
+    # The models: the actor (trained), the frozen SFT reference (pi_ref, for KL and RTO), the DPO model and the
+    # reward model where the algorithm needs them, the critic where the estimator needs one.
     actor = open_model(cfg.policy, "lm", cfg, tok)
     check_context(prompt_rows, [(p, [0] * cfg.max_response_len) for p in prompts], actor.args.max_seq_len)
-    ref = open_model(cfg.policy, "lm", cfg, tok, frozen=True)  # pi_ref = the SFT model, for KL and RTO
-    dpo_model = open_model(cfg.dpo, "lm", cfg, tok, frozen=True) if uses_dpo else None
-    rm_model = open_model(cfg.rm, "score", cfg, tok, frozen=True) if uses_rm else None
-    # the critic starts from the reward model, as the reference code does (dpo-only has none: the SFT backbone)
-    critic = open_model(cfg.critic or (cfg.rm if uses_rm else cfg.policy), "score", cfg, tok)
-    if uses_rm and cfg.normalize_reward:
-        score_mean, score_std = rm_model.args.score_mean, rm_model.args.score_std
-        if score_std is None:
-            raise UserError(f"{cfg.rm}/config.json has no rto_score_mean/rto_score_std: train it with "
-                            f"`train.py rm`, or pass --no-normalize_reward")
-        if not (math.isfinite(score_std) and score_std > 0 and math.isfinite(score_mean)):
-            raise UserError(f"{cfg.rm}/config.json: field 'rto_score_std' is {score_std} (mean {score_mean}): the RM "
-                            f"gave every held-out response the same score, so normalising by it is meaningless; "
-                            f"retrain the RM or pass --no-normalize_reward")
-    else:
-        score_mean, score_std = 0.0, 1.0
-    # A critic that starts as a reward model predicts raw scores; the returns it regresses on are built from
-    # normalised ones. As the reference code's critic does, read its outputs through its own stored normalisation.
-    critic_stats = critic.args.score_std is not None and uses_rm and cfg.normalize_reward
-    value_shift, value_scale = (critic.args.score_mean, critic.args.score_std) if critic_stats else (0.0, 1.0)
-
-    def values_of(b):
-        """V(s_h) for every response token: the critic's output at the position before token h."""
-        P = b["prompt_len"]
-        return (critic(b["input_ids"], b["attention_mask"])[:, P - 1:-1].float() - value_shift) / value_scale
-    # semi-rto: which token ids end a segment (a token whose text holds a delimiter character)
-    delim_ids = torch.tensor([any(c in tok.decode([i], skip_special=False) for c in cfg.delimiters)
-                              for i in range(actor.args.vocab_size)], device=D.device)
-
-    total = check_batch(cfg, len(prompts), cfg.rollout_batch_size, cfg.prompts)
-    check_batch(cfg, cfg.rollout_batch_size, cfg.batch_size, "rollout_batch_size")
-    if cfg.rollout_batch_size % cfg.batch_size:
-        raise ValueError(f"rollout_batch_size {cfg.rollout_batch_size} is not a multiple of batch_size {cfg.batch_size}")
+    models = {"ref": open_model(cfg.policy, "lm", cfg, tok, frozen=True),
+              "dpo": open_model(cfg.dpo, "lm", cfg, tok, frozen=True) if uses_dpo else None,
+              "rm": open_model(cfg.rm, "score", cfg, tok, frozen=True) if uses_rm else None}
+    score_norm = reward_normalisation(cfg, models["rm"])
     updates = total * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.batch_size)
     actor_opt, actor_sched = make_optimizer(actor, cfg.lr, cfg, updates)
-    critic_opt, critic_sched = make_optimizer(critic, cfg.critic_lr, cfg, updates)
-    models, optims, scheds = ({"actor": actor, "critic": critic}, {"actor": actor_opt, "critic": critic_opt},
-                              {"actor": actor_sched, "critic": critic_sched})
+    critic = Critic(cfg, tok, critic_path, updates) if uses_critic else None
+    # semi-rto: which token ids end a segment (a token whose text holds a delimiter character)
+    delim_ids = (torch.tensor([any(c in tok.decode([i], skip_special=False) for c in cfg.delimiters)
+                               for i in range(actor.args.vocab_size)], device=D.device)
+                 if "delimiter_mask" in algo.needs else None)
+    trained = {"actor": (actor, actor_opt, actor_sched)}
+    if critic is not None:
+        trained["critic"] = (critic.model, critic.opt, critic.sched)
+    ckpt_models, ckpt_optims, ckpt_scheds = ({k: v[i] for k, v in trained.items()} for i in range(3))
     start = 0
     if cfg.resume and (ckpt := latest_checkpoint(run_dir)) is not None:
-        start = load_checkpoint(ckpt, models, optims, scheds)
+        start = load_checkpoint(ckpt, ckpt_models, ckpt_optims, ckpt_scheds)
         print0(f"resumed from {ckpt} at step {start}")
     logger = Logger(run_dir, start, ["gold", "score", "reward", "kl", "resp_len", "eos_frac", "policy_loss",
                                      "value_loss", "approx_kl", "clipfrac", "explained_var", "entropy", "tokens_per_s"])
     bar = tqdm(total=total, initial=start, disable=not (D.main and cfg.progress), desc=cfg.out, leave=False)
-    micro = cfg.micro_batch_size
+    per_rollout = cfg.rollout_batch_size // cfg.samples_per_prompt  # prompts per rollout, over all ranks
+
     for step in range(start, total):
         t0 = time.perf_counter()
-        idx = batch_indices(step, len(prompts), cfg.rollout_batch_size, cfg.seed)
+        # this rank's prompts, each samples_per_prompt times in a row (a group stays on one rank)
+        idx = [i for i in batch_indices(step, len(prompts), per_rollout, cfg.seed) for _ in range(cfg.samples_per_prompt)]
         gen = torch.Generator(device=D.device).manual_seed(seed_for(cfg.seed, step, D.rank))
-
-        # 1. Rollout: sample, then score every response token with the four models (no grad). All log-probs use
-        #    the sampling temperature, as the reference code does; at temperature != 1 the DPO term is then the
-        #    log-ratio of the two tempered distributions, not exactly DPO's implicit reward.
-        buf = sample_responses(actor, tok, [prompts[i] for i in idx], cfg, gen)
-        t_gen = time.perf_counter()
-        N, P, mask = len(idx), buf["prompt_len"], buf["response_mask"]
-        tokens = buf["input_ids"][:, P:]
-        stop = torch.tensor(tok.stop_ids, device=tokens.device)
-        ended = (torch.isin(tokens, stop) & mask).any(-1)  # ended on any stop id (Llama-3.1 has three)
-        parts = {k: [] for k in ("logp_old", "logp_ref", "logp_dpo", "values_old", "score")}
-        # the update's micro-batches are exactly these rows, so the first minibatch reproduces logp_old bit for bit
-        micro_rows = chunks(list(range(N)), micro)
-        with torch.no_grad():
-            for rows in micro_rows:
-                b = micro_view(buf, rows)
-                parts["logp_old"].append(response_logprobs(actor, b, cfg.temperature))
-                parts["logp_ref"].append(response_logprobs(ref, b, cfg.temperature))
-                if uses_dpo:
-                    parts["logp_dpo"].append(response_logprobs(dpo_model, b, cfg.temperature))
-                if uses_rm:
-                    parts["score"].append(scores(rm_model)(b))
-                parts["values_old"].append(values_of(b))
-        buf.update({k: torch.cat(v) for k, v in parts.items() if v})
-        raw_score = buf.get("score")
-        score = rm_math.normalize_score(raw_score, score_mean, score_std, cfg.reward_clip) if uses_rm else None
-
-        t_score = time.perf_counter()
-
-        # 2. The dense token reward (rto.py), GAE, advantages whitened over the whole rollout (all ranks).
-        rewards, comp = rto.dense_rewards(
-            cfg.algo, logp=buf["logp_old"], logp_ref=buf["logp_ref"], mask=mask, rm_score=score,
-            logp_dpo=buf.get("logp_dpo"), delimiter_mask=delim_ids[tokens] & mask, ended=ended,
-            beta1=cfg.beta1, dpo_clip=cfg.dpo_clip, beta2=cfg.beta2, beta3=cfg.beta3,
-            kl_estimator=cfg.kl_estimator, no_eos_penalty=cfg.no_eos_penalty)
-        adv, buf["returns"] = ppo_math.gae(rewards, buf["values_old"], mask, cfg.gamma, cfg.lam)
-        buf["advantages"] = ppo_math.masked_whiten(adv, mask)
-        check_finite(step + 1, {"reward": rewards, "value": buf["values_old"], "advantage": buf["advantages"]})
-
-        # 3. PPO epochs: minibatches of whole micro-batches in a seeded order.
-        actor.train(), critic.train()
-        per_mb = cfg.batch_size // D.world // micro  # micro-batches per minibatch on this rank
-        stats, first_dev = {}, None
-        for epoch in range(cfg.ppo_epochs):
-            order = np.random.default_rng(seed_for(cfg.seed, step, epoch)).permutation(len(micro_rows))
-            for m0 in range(0, len(order), per_mb):
-                group = [micro_rows[j] for j in order[m0:m0 + per_mb]]
-                for k, rows in enumerate(group):
-                    for mdl in (actor, critic):
-                        if hasattr(mdl, "set_requires_gradient_sync"):
-                            mdl.set_requires_gradient_sync(k == len(group) - 1)
-                    b = micro_view(buf, rows)
-                    logp, ent = response_logprobs(actor, b, cfg.temperature, entropy=True)
-                    pl, pst = ppo_math.policy_loss(logp, b["logp_old"], b["advantages"], b["response_mask"], cfg.clip_eps)
-                    (pl / len(group)).backward()
-                    values = values_of(b)
-                    vl, vst = ppo_math.value_loss(values, b["values_old"], b["returns"], b["response_mask"],
-                                                  cfg.value_clip)
-                    (vl / len(group)).backward()
-                    if first_dev is None:  # on-policy check: must be exactly 0 (no dropout, fp32 log-softmax)
-                        first_dev = float((logp.detach() - b["logp_old"]).abs().masked_fill(~b["response_mask"], 0).max())
-                    for key, v in {"policy_loss": pl, "value_loss": vl, **pst, **vst,
-                                   "entropy": ppo_math.masked_mean(ent, b["response_mask"])}.items():
-                        stats.setdefault(key, []).append(float(v.detach()))
-                # this minibatch's losses are checked with the gradient norms, before each optimizer step
-                clip_and_step(actor, actor_opt, actor_sched, cfg.grad_clip, step + 1,
-                              {"policy_loss": stats["policy_loss"][-len(group):]})
-                clip_and_step(critic, critic_opt, critic_sched, cfg.grad_clip, step + 1,
-                              {"value_loss": stats["value_loss"][-len(group):]})
-
+        buf = rollout(actor, models, critic, tok, [prompts[i] for i in idx], cfg, gen)
         t_update = time.perf_counter()
-
-        # 4. Metrics: per-sequence sums averaged over every rank's responses.
-        seq = {"score": raw_score if uses_rm else torch.zeros(N, device=D.device),
-               "reward": ppo_math.masked_sum(rewards, mask, -1), "kl": ppo_math.masked_sum(comp["kl"], mask, -1),
-               "dpo_reward": ppo_math.masked_sum(comp["dpo"], mask, -1), "resp_len": mask.sum(-1).float(),
-               "eos_frac": ended.float()}
+        rewards, comp = token_rewards(cfg, buf, score_norm, delim_ids)
+        buf["advantages"], returns = advantages(cfg, rewards, buf["response_mask"], buf.get("values_old"))
+        if returns is not None:
+            buf["returns"] = returns
+        check_finite(step + 1, {"reward": rewards, "advantage": buf["advantages"],
+                                **({"value": buf["values_old"]} if critic is not None else {})})
+        upd = update(cfg, actor, actor_opt, actor_sched, critic, buf, step)
+        t_update = time.perf_counter() - t_update
+        golds = None
         if gold is not None:
-            texts = [tok.decode(tokens[r][mask[r]].tolist()) for r in range(N)]
-            seq["gold"] = torch.tensor([gold(prompt_rows[i].prompt, t) for i, t in zip(idx, texts)], device=D.device)
-        metrics = reduce_metrics({k: float(v.sum()) for k, v in seq.items()}, N)
-        metrics.update(reduce_metrics({k: float(np.mean(v)) for k, v in stats.items()}, 1))
-        metrics["ratio_max"] = all_max(max(stats["ratio_max"]))  # a max over every minibatch and rank, not a mean
-        metrics["explained_var"] = reduce_metrics({"ev": ppo_math.explained_variance(
-            buf["values_old"], buf["returns"], mask)}, 1)["ev"]
-        metrics["first_logp_dev"] = float(all_sum(torch.tensor(first_dev)))  # exactly 0 when on-policy
+            P, mask = buf["prompt_len"], buf["response_mask"]
+            golds = [gold(prompt_rows[i].prompt, tok.decode(buf["input_ids"][r, P:][mask[r]].tolist()))
+                     for r, i in enumerate(idx)]
+        metrics = ppo_metrics(buf, rewards, comp, upd, golds)
         metrics["tokens_per_s"] = float(all_sum(buf["attention_mask"].sum().float().cpu())) / (time.perf_counter() - t0)
         # where the step's time goes: sampling, the scoring passes (policy, reference, DPO model, RM, critic), update
-        metrics.update(time_gen_s=t_gen - t0, time_score_s=t_score - t_gen, time_update_s=t_update - t_score)
+        metrics.update(time_gen_s=buf["time_gen_s"], time_score_s=buf["time_score_s"],
+                       time_update_s=t_update)
         logger.log(step + 1, metrics)
         bar.update(1)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
-            save_checkpoint(run_dir, step + 1, models, optims, scheds, cfg)
+            save_checkpoint(run_dir, step + 1, ckpt_models, ckpt_optims, ckpt_scheds, cfg)
     bar.close()
     print0(f"{measured_memory()}; planned {plan['total'] / 2**30:.2f} GiB per GPU")
     export_hf(actor, tok, run_dir / "final", cfg)
@@ -683,24 +849,38 @@ def run_ppo(cfg: PPOConfig, gold=None) -> Path:
 # reward is known (data.WordTask), so each policy is judged against the truth, not only against its own RM.
 
 
+@dataclass
+class EvalSettings:
+    """How a policy is judged: one sampled response per held-out prompt, seeded, with sampling settings of its own
+    (not those of any PPO run). Built from PipelineConfig by eval_settings()."""
+    seed: int
+    max_prompt_len: int
+    max_new_tokens: int
+    micro_batch_size: int
+    temperature: float
+    top_k: int
+    top_p: float
+
+
 @torch.no_grad()
-def evaluate(policy_dir: Path, ref: Llama, tok: Tokenizer, prompt_rows, cfg: PPOConfig, gold=None, rm_model=None):
+def evaluate(policy_dir: Path, ref: Llama, tok: Tokenizer, prompt_rows, ev: EvalSettings, gold=None, rm_model=None):
     """Sample one response per prompt (seeded) from the policy; per prompt: gold reward, RM score and the
     sequence KL sum_h log(pi/pi_ref)(y_h) on the policy's own samples. Prompts are split over ranks."""
-    policy = open_model(str(policy_dir), "lm", cfg, tok, frozen=True)
+    policy = open_model(str(policy_dir), "lm", ev, tok, frozen=True)
     n = len(prompt_rows)
     own = list(range(D.rank, n, D.world))
     mine = own + [own[0] if own else 0] * (math.ceil(n / D.world) - len(own))  # equal work on every rank (FSDP)
     out = {k: torch.zeros(n, dtype=torch.float64, device=D.device) for k in ("gold", "score", "kl", "len", "eos")}
-    gen = torch.Generator(device=D.device).manual_seed(seed_for(cfg.seed, 10**6, D.rank))
-    prompts = [tok.encode_prompt(prompt_rows[i].prompt, cfg.max_prompt_len) for i in mine]
-    buf = sample_responses(policy, tok, prompts, cfg, gen)
+    gen = torch.Generator(device=D.device).manual_seed(seed_for(ev.seed, 10**6, D.rank))
+    prompts = [tok.encode_prompt(prompt_rows[i].prompt, ev.max_prompt_len) for i in mine]
+    buf = sample_responses(policy, tok, prompts, gen, max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
+                           top_k=ev.top_k, top_p=ev.top_p, micro=ev.micro_batch_size)
     P, mask = buf["prompt_len"], buf["response_mask"]
     seen = set()
-    for rows in chunks(list(range(len(mine))), cfg.micro_batch_size):
+    for rows in chunks(list(range(len(mine))), ev.micro_batch_size):
         b = micro_view(buf, rows)
-        kl = ppo_math.masked_sum(response_logprobs(policy, b, cfg.temperature)
-                                 - response_logprobs(ref, b, cfg.temperature), b["response_mask"], -1)
+        kl = ppo_math.masked_sum(response_logprobs(policy, b, ev.temperature)
+                                 - response_logprobs(ref, b, ev.temperature), b["response_mask"], -1)
         sc = scores(rm_model)(b) if rm_model is not None else torch.zeros(len(rows), device=D.device)
         for j, r in enumerate(rows):
             i = mine[r]
@@ -716,69 +896,70 @@ def evaluate(policy_dir: Path, ref: Llama, tok: Tokenizer, prompt_rows, cfg: PPO
 
 
 @dataclass
-class PipelineConfig:
-    """`python train.py` / `python train.py all`: every stage on the built-in WordTask, then a results table."""
-    out: str = F("runs/demo", "run directory: data/, tokenizer/, sft/, dpo/, rm/, <algo>/, results.md")
-    seed: int = F(0, "seeds the task, the data and every stage")
-    algos: str = F("ppo,rto", f"comma-separated PPO variants to train and compare, from {','.join(rto.ALGOS)}")
-    device: str = F("auto", "auto | cpu | cuda", choices=DEVICES)
-    preset: str = F("tiny", "model.py preset of the policy trained from scratch")
-    task: str = F("words", "the built-in task (data.TASKS): words (short responses, the demo) | credit (24-48 "
+class PipelineConfig(SeedField, DeviceField, RunDirFields, SetField):
+    """`python train.py` / `python train.py all`: every stage on the built-in WordTask, then a results table.
+    The stages' own fields keep their one declaration in their configs: DEMO below sets the built-in task's values,
+    --set STAGE.FIELD=VALUE changes any of them."""
+    out: str = option("runs/demo", "run directory: data/, tokenizer/, sft/, dpo/, rm/, <algo>/, results.md")
+    algos: str = option("ppo,rto", f"comma-separated PPO variants to train and compare, from {','.join(rto.ALGOS)}")
+    preset: str = option("tiny", "model.py preset of the policy trained from scratch")
+    task: str = option("words", "the built-in task (data.TASKS): words (short responses, the demo) | credit (24-48 "
                            "words, context-dependent per-word gold reward, noisy labels)", choices=tuple(TASKS))
-    length_cost: float | None = F(None, "override the task's gold length cost per word of distance from "
+    length_cost: float | None = option(None, "override the task's gold length cost per word of distance from "
                                         "target_words", NONNEG)
-    target_words: int | None = F(None, "override the response length the task's gold reward prefers (0: a plain "
+    target_words: int | None = option(None, "override the response length the task's gold reward prefers (0: a plain "
                                        "per-word cost)", NONNEG)
-    n_sft: int = F(4096, "SFT demonstrations (neutral responses)", COUNT)
-    n_pref: int = F(4096, "preference pairs labelled by Bradley-Terry on the gold reward", COUNT)
-    n_prompts: int = F(2048, "PPO training prompts", COUNT)
-    n_eval: int = F(256, "held-out prompts and preference pairs", COUNT)
-    sft_epochs: int = F(3, "SFT passes over the demonstrations", COUNT)
-    pref_epochs: int = F(2, "DPO and RM passes over the pairs", COUNT)
-    ppo_steps: int = F(150, "PPO rollouts per algorithm", COUNT)
-    vocab_size: int = F(512, "BPE vocabulary trained on the task's text (every task word becomes one token)",
+    n_sft: int = option(4096, "SFT demonstrations (neutral responses)", COUNT)
+    n_pref: int = option(4096, "preference pairs labelled by Bradley-Terry on the gold reward", COUNT)
+    n_prompts: int = option(2048, "PPO training prompts", COUNT)
+    n_eval: int = option(256, "held-out prompts and preference pairs", COUNT)
+    vocab_size: int = option(512, "BPE vocabulary trained on the task's text (every task word becomes one token)",
                         "[64, inf)")
-    max_len: int = F(16, "max prompt tokens and max response tokens", "[2, inf)")
-    batch_size: int = F(64, "SFT / DPO / RM examples per step, and prompts per PPO rollout", "[2, inf)")
-    sft_lr: float = F(3e-3, "SFT learning rate (a 2-layer model from scratch: far above the paper's 8B values)", POS)
-    pref_lr: float = F(1e-3, "DPO and reward-model learning rate", POS)
-    dpo_beta: float = F(0.1, "DPO beta", POS)
-    actor_lr: float = F(3e-4, "PPO actor learning rate", POS)
-    critic_lr: float = F(1e-3, "PPO critic learning rate", POS)
-    beta1: float = F(0.05, "scale of the DPO token reward in rto / semi-rto / dpo-only (reference: 0.05)", POS)
-    dpo_clip: float = F(0.05, "clip of each DPO token reward (reference: 0.05; inf: no clip)", "(0, inf]")
-    beta2: float = F(0.01, "KL coefficient of every PPO variant (reference: 0.01)", NONNEG)
-    progress: bool = F(True, "show tqdm bars")
-    overwrite: bool = F(False, "rerun into an --out that holds finished stages, replacing them")
-    set: list = F([], "any field of a stage's own config: --set ppo.top_k=50 --set sft.lr=1e-3 (stages sft, dpo, "
-                      "rm, ppo; repeat --set); wins over the fields above")
+    max_len: int = option(16, "max prompt tokens and max response tokens", "[2, inf)")
+    batch_size: int = option(64, "SFT / DPO / RM examples per step, and responses per PPO rollout", "[2, inf)")
+    eval_temperature: float = option(1.0, "sampling temperature of the held-out evaluation (its log-probs use it too)", POS)
+    eval_top_k: int = option(0, "top-k of the held-out evaluation's sampling (0: all)", NONNEG)
+    eval_top_p: float = option(1.0, "nucleus mass of the held-out evaluation's sampling (1: all)", "(0, 1]")
+    reuse: bool = option(False, "keep a finished sft/dpo/rm stage whose final/train_config.json equals the one this run "
+                           "would write (and whose data and upstream stages are unchanged); the PPO stages always "
+                           "run, replacing their final/: the fast loop for trying an idea (a code change to dpo.py "
+                           "or reward.py needs those stages rerun: drop --reuse)")
+
+
+# The built-in task's stage settings, on top of each stage config's defaults: a 2-layer model learns in seconds, at
+# learning rates far above the paper's 8B values; everything RTO-specific keeps the reference values. Batch sizes
+# come from PipelineConfig.batch_size (a PPO rollout of batch_size responses is two minibatches).
+DEMO = {"sft": dict(lr=3e-3, epochs=3),
+        "dpo": dict(lr=1e-3, epochs=2, beta=0.1),
+        "rm": dict(lr=1e-3, epochs=2),
+        "ppo": dict(lr=3e-4, critic_lr=1e-3, max_steps=150)}
 
 
 def stage_configs(pc: PipelineConfig, data: dict, tok_dir: Path):
-    """The four stages' configs for the built-in task. Learning rates are the pipeline's fields (a 2-layer model
-    learns in seconds, far above the paper's 8B values); everything RTO-specific keeps the reference values.
-    A PPO rollout of batch_size prompts is two minibatches (batch_size / 2 each)."""
-    out = Path(pc.out)
+    """The four stages' configs for the built-in task: the pipeline's paths and sizes, DEMO's values, --set."""
+    out, over = Path(pc.out), stage_overrides(pc.set)
     common = dict(seed=pc.seed, device=pc.device, progress=pc.progress, max_prompt_len=pc.max_len,
                   max_response_len=pc.max_len, overwrite=pc.overwrite)
     micro = pc.batch_size // D.world  # each rank's share of a batch in one forward pass
     sft = SFTConfig(**common, out=str(out / "sft"), data=str(data["sft"]), tokenizer=str(tok_dir), preset=pc.preset,
-                    lr=pc.sft_lr, batch_size=pc.batch_size, micro_batch_size=micro, epochs=pc.sft_epochs)
+                    batch_size=pc.batch_size, micro_batch_size=micro, **{**DEMO["sft"], **over["sft"]})
     pref = dict(common, data=str(data["prefs"]), eval_data=str(data["eval_prefs"]), model=str(out / "sft" / "final"),
-                batch_size=pc.batch_size, micro_batch_size=micro, epochs=pc.pref_epochs, lr=pc.pref_lr)
-    dpo_cfg = DPOConfig(**pref, out=str(out / "dpo"), beta=pc.dpo_beta)
-    rm_cfg = RMConfig(**pref, out=str(out / "rm"))
-    ppo_cfgs = {algo: PPOConfig(**common, out=str(out / algo), algo=algo, prompts=str(data["prompts"]),
-                                policy=str(out / "sft" / "final"), dpo=str(out / "dpo" / "final"),
-                                rm=str(out / "rm" / "final"), lr=pc.actor_lr, critic_lr=pc.critic_lr,
+                batch_size=pc.batch_size, micro_batch_size=micro)
+    dpo_cfg = DPOConfig(**pref, out=str(out / "dpo"), **{**DEMO["dpo"], **over["dpo"]})
+    rm_cfg = RMConfig(**pref, out=str(out / "rm"), **{**DEMO["rm"], **over["rm"]})
+    ppo_cfgs = {algo: PPOConfig(**{**common, "overwrite": pc.overwrite or pc.reuse}, out=str(out / algo), algo=algo,
+                                prompts=str(data["prompts"]), policy=str(out / "sft" / "final"),
+                                dpo=str(out / "dpo" / "final"), rm=str(out / "rm" / "final"), task=str(data["task"]),
                                 rollout_batch_size=pc.batch_size, batch_size=pc.batch_size // 2,
-                                micro_batch_size=micro // 2, max_steps=pc.ppo_steps, beta1=pc.beta1,
-                                dpo_clip=pc.dpo_clip, beta2=pc.beta2)
+                                micro_batch_size=micro // 2, **{**DEMO["ppo"], **over["ppo"]})
                 for algo in pc.algos.split(",")}
-    over = stage_overrides(pc.set)
-    ppo_cfgs = {a: dataclasses.replace(c, **over["ppo"]) for a, c in ppo_cfgs.items()}
-    return (dataclasses.replace(sft, **over["sft"]), dataclasses.replace(dpo_cfg, **over["dpo"]),
-            dataclasses.replace(rm_cfg, **over["rm"]), ppo_cfgs)
+    return sft, dpo_cfg, rm_cfg, ppo_cfgs
+
+
+def eval_settings(pc: PipelineConfig) -> EvalSettings:
+    return EvalSettings(seed=pc.seed, max_prompt_len=pc.max_len, max_new_tokens=pc.max_len,
+                        micro_batch_size=pc.batch_size // D.world // 2, temperature=pc.eval_temperature,
+                        top_k=pc.eval_top_k, top_p=pc.eval_top_p)
 
 
 def stage_overrides(items: list[str]) -> dict[str, dict]:
@@ -792,7 +973,7 @@ def stage_overrides(items: list[str]) -> dict[str, dict]:
         if not eq or stage not in classes:
             raise UserError(f"--set {item!r}: expected STAGE.FIELD=VALUE with STAGE one of {', '.join(classes)}")
         fields = {f.name: f for f in dataclasses.fields(classes[stage])}
-        if name not in fields or name in ("out", "data", "eval_data", "model", "prompts", "policy", "dpo", "rm"):
+        if name not in fields or name in ("out", "data", "eval_data", "model", "prompts", "policy", "dpo", "rm", "task"):
             raise UserError(f"--set {item!r}: {stage} has no field {name!r} that `all` lets you set "
                             f"(see `train.py {stage} --help`)")
         kind = fields[name].type
@@ -813,15 +994,44 @@ def make_task(pc: PipelineConfig) -> WordTask:
     return task
 
 
+DATA_FILES = ("sft", "prefs", "prompts", "eval_prefs", "eval_prompts")
+
+
 def task_data(pc: PipelineConfig):
-    """The task, its data files under <out>/data and a tokenizer trained on it under <out>/tokenizer (rank 0)."""
+    """The task, its data files and task.json under <out>/data, and a tokenizer trained on it under <out>/tokenizer
+    (rank 0). Returns (task, paths, changed): changed is False when every file came out byte for byte as it was."""
     out, task = Path(pc.out), make_task(pc)
-    data = {k: out / "data" / f"{k}.jsonl" for k in ("sft", "prefs", "prompts", "eval_prefs", "eval_prompts")}
+    data = {k: out / "data" / f"{k}.jsonl" for k in DATA_FILES}
+    data["task"] = out / "data" / "task.json"
+    files = [*data.values(), out / "tokenizer" / "tokenizer.json"]
+    before = [f.read_bytes() if f.is_file() else None for f in files]
     if D.main:
         task.write_data(out / "data", pc.n_sft, pc.n_pref, pc.n_prompts, pc.n_eval, rng_seed=pc.seed)
+        data["task"].write_text(json.dumps(task.spec(), indent=2) + "\n")
         train_tokenizer(task.corpus(), vocab_size=pc.vocab_size).save(out / "tokenizer")
     barrier()
-    return task, data
+    changed = any(b != (f.read_bytes() if f.is_file() else None) for b, f in zip(before, files))
+    return task, data, changed
+
+
+def same_run(cfg, final: Path) -> bool:
+    """final/ was written by a finished run of this very config (up to fields that change nothing it computed)."""
+    saved = final / "train_config.json"
+    if not saved.is_file():
+        return False
+    ignore = ("progress", "overwrite", "save_every", "resume")
+    now, then = json.loads(config_json(cfg)), json.loads(saved.read_text())
+    return {k: v for k, v in now.items() if k not in ignore} == {k: v for k, v in then.items() if k not in ignore}
+
+
+def run_or_reuse(cfg, fn, may_keep: bool, reuse: bool) -> bool:
+    """Run a shared stage, or (--reuse) keep the finished run it would make. Returns True when it was kept."""
+    final = Path(cfg.out) / "final"
+    if may_keep and same_run(cfg, final):
+        print0(f"--reuse: {final} is what this stage would make (same config, data and upstream stage): kept")
+        return True
+    fn(dataclasses.replace(cfg, overwrite=True) if reuse else cfg)
+    return False
 
 
 def run_all(pc: PipelineConfig):
@@ -831,22 +1041,27 @@ def run_all(pc: PipelineConfig):
     for algo in pc.algos.split(","):
         if algo not in rto.ALGOS:
             raise UserError(f"--algos: unknown {algo!r}; choose from {', '.join(rto.ALGOS)}")
-    task, data = task_data(pc)
+    task, data, data_changed = task_data(pc)
     sft_cfg, dpo_cfg, rm_cfg, ppo_cfgs = stage_configs(pc, data, out / "tokenizer")
     t0 = time.perf_counter()
-    policies = {"sft": run_sft(sft_cfg), "dpo": run_dpo(dpo_cfg)}
-    run_rm(rm_cfg)
+    # --reuse: a shared stage is kept when it is the run this one would make, on the same data, after the same
+    # upstream stage (DPO and the RM both start from SFT); otherwise it runs, and so does everything after it
+    fresh = pc.reuse and not data_changed
+    sft_kept = run_or_reuse(sft_cfg, run_sft, fresh, pc.reuse)
+    for stage_cfg, fn in ((dpo_cfg, run_dpo), (rm_cfg, run_rm)):
+        run_or_reuse(stage_cfg, fn, fresh and sft_kept, pc.reuse)
+    policies = {"sft": out / "sft" / "final", "dpo": out / "dpo" / "final"}
     for algo, cfg in ppo_cfgs.items():
-        policies[algo] = run_ppo(cfg, gold=task.gold_reward)
+        policies[algo] = run_ppo(cfg)
     train_s = time.perf_counter() - t0
 
     # Judge every policy on the held-out prompts against the gold reward.
-    eval_cfg = next(iter(ppo_cfgs.values()))
+    ev = eval_settings(pc)
     tok = Tokenizer.from_dir(policies["sft"])
-    ref = open_model(str(policies["sft"]), "lm", eval_cfg, tok, frozen=True)
-    rm_model = open_model(str(out / "rm" / "final"), "score", eval_cfg, tok, frozen=True)
+    ref = open_model(str(policies["sft"]), "lm", ev, tok, frozen=True)
+    rm_model = open_model(str(out / "rm" / "final"), "score", ev, tok, frozen=True)
     rows = read_prompts(data["eval_prompts"])
-    res = {name: evaluate(path, ref, tok, rows, eval_cfg, task.gold_reward, rm_model) for name, path in policies.items()}
+    res = {name: evaluate(path, ref, tok, rows, ev, task.gold_reward, rm_model) for name, path in policies.items()}
     rm_eval = json.loads((out / "rm" / "eval.json").read_text())
     dpo_eval = json.loads((out / "dpo" / "eval.json").read_text())
     table = ["| policy | gold reward | win rate vs SFT (gold) | RM score | KL to SFT | response length |",
@@ -876,17 +1091,11 @@ def run_all(pc: PipelineConfig):
 
 
 @dataclass
-class SampleConfig:
-    model: str = F("", "HF-format Llama directory with tokenizer.json (any stage's final/, or a downloaded model)")
-    prompt: list = F([], "prompt text (repeat --prompt for several)")
-    n: int = F(1, "completions per prompt", COUNT)
-    max_new_tokens: int = F(128, "tokens to generate at most", COUNT)
-    temperature: float = F(0.7, "sampling temperature (0 = greedy)", NONNEG)
-    top_k: int = F(0, "sample from the k most likely tokens (0: all)", NONNEG)
-    top_p: float = F(0.95, "nucleus sampling mass", "(0, 1]")
-    seed: int = F(0, "sampling seed")
-    device: str = F("auto", "auto | cpu | cuda", choices=DEVICES)
-    bf16: bool = F(False, "load the weights in bf16")
+class SampleConfig(SeedField, DeviceField, Bf16Field, SamplingFields):
+    model: str = option("", "HF-format Llama directory with tokenizer.json (any stage's final/, or a downloaded model)")
+    prompt: list = option([], "prompt text (repeat --prompt for several)")
+    n: int = option(1, "completions per prompt", COUNT)
+    max_new_tokens: int = option(128, "tokens to generate at most", COUNT)
 
 
 @torch.no_grad()
@@ -914,25 +1123,19 @@ def run_sample(cfg: SampleConfig):
 
 
 @dataclass
-class ExplainConfig:
+class ExplainConfig(DeviceField, TaskFields, SetField):
     """Show RTO's dense reward beta1 * log(pi_dpo / pi_ref) on every token of a response (and the gold per-token
     reward beside it on a built-in task)."""
-    dpo: str = F("", "the DPO checkpoint (pi_dpo)")
-    ref: str = F("", "the reference the DPO run started from (pi_ref, the SFT checkpoint)")
-    prompt: list = F([], "prompt text (repeat --prompt for several)")
-    response: list = F([], "response text, one per --prompt (default: the DPO model's greedy answer)")
-    beta1: float = F(0.05, "scale of the DPO token reward (PPO's --beta1)", POS)
-    dpo_clip: float = F(0.05, "clip of each token reward (PPO's --dpo_clip; inf: none)", "(0, inf]")
-    task: str = F("", "a built-in task name (words | credit): show its gold per-token reward beside",
-                  choices=("", *TASKS))
-    task_seed: int = F(0, "the --seed the task's data was made with (its gold table)")
-    max_new_tokens: int = F(64, "tokens to generate when no --response is given", COUNT)
-    html: str = F("explain.html", "write the same view as a standalone HTML file here ('' for none)")
-    device: str = F("auto", "auto | cpu | cuda", choices=DEVICES)
+    dpo: str = option("", "the DPO checkpoint (pi_dpo)")
+    ref: str = option("", "the reference the DPO run started from (pi_ref, the SFT checkpoint)")
+    prompt: list = option([], "prompt text (repeat --prompt for several)")
+    response: list = option([], "response text, one per --prompt (default: the DPO model's greedy answer)")
+    max_new_tokens: int = option(64, "tokens to generate when no --response is given", COUNT)
+    html: str = option("explain.html", "write the same view as a standalone HTML file here ('' for none)")
 
 
 @torch.no_grad()
-def token_rewards(dpo_model, ref, tok: Tokenizer, prompts: list, responses: list) -> list[list[float]]:
+def dpo_log_ratios(dpo_model, ref, tok: Tokenizer, prompts: list, responses: list) -> list[list[float]]:
     """log(pi_dpo / pi_ref)(y_h) for every response token (no beta1, no clip), one list per (prompt, response)."""
     b = to_device(collate(prompts, responses, tok.pad_id))
     diff = response_logprobs(dpo_model, b) - response_logprobs(ref, b)
@@ -972,7 +1175,9 @@ def run_explain(cfg: ExplainConfig):
     tok = open_tokenizer(cfg.dpo)
     dpo_model = open_model(cfg.dpo, "lm", cfg, tok, frozen=True)
     ref = open_model(cfg.ref, "lm", cfg, tok, frozen=True)
-    task = WordTask(seed=cfg.task_seed, **TASKS[cfg.task]) if cfg.task else None
+    task = load_task(cfg.task, cfg.task_seed) if cfg.task else None
+    ppo = PPOConfig(**stage_overrides(cfg.set)["ppo"])  # beta1 and dpo_clip, declared once: PPO's
+    check_range(ppo)
     msgs = [[{"role": "user", "content": p}] for p in cfg.prompt]
     prompts = [tok.encode_prompt(m, dpo_model.args.max_seq_len // 2) for m in msgs]
     if cfg.response:
@@ -982,13 +1187,13 @@ def run_explain(cfg: ExplainConfig):
         toks, tmask = generate(dpo_model, ids.to(D.device), mask.to(D.device), cfg.max_new_tokens,
                                stop_ids=tok.stop_ids, pad_id=tok.pad_id, temperature=0)
         responses = [toks[i][tmask[i]].tolist() for i in range(len(prompts))]
-    logratios = token_rewards(dpo_model, ref, tok, prompts, responses)
+    logratios = dpo_log_ratios(dpo_model, ref, tok, prompts, responses)
     tty = sys.stdout.isatty()
     page = ["<!doctype html><meta charset='utf-8'><title>RTO token rewards</title><body style='font-family:monospace'>",
-            f"<p>RTO token reward r = clip({cfg.beta1} * log(pi_dpo / pi_ref), +-{cfg.dpo_clip}); dpo {html_mod.escape(cfg.dpo)}, "
+            f"<p>RTO token reward r = clip({ppo.beta1} * log(pi_dpo / pi_ref), +-{ppo.dpo_clip}); dpo {html_mod.escape(cfg.dpo)}, "
             f"ref {html_mod.escape(cfg.ref)}</p>"]
     for p_text, m, r_ids, lr in zip(cfg.prompt, msgs, responses, logratios):
-        rewards = [max(-cfg.dpo_clip, min(cfg.dpo_clip, cfg.beta1 * x)) for x in lr]
+        rewards = [max(-ppo.dpo_clip, min(ppo.dpo_clip, ppo.beta1 * x)) for x in lr]
         gold = gold_per_token(task, m, tok, r_ids) if task else None
         pieces = [tok.decode([i], skip_special=False) for i in r_ids]
         scale = max((abs(x) for x in rewards), default=0.0)
