@@ -7,6 +7,9 @@ train.py calls these with explicit arguments.
 Reference behaviour is the authors' released code (an OpenRLHF 0.4.4 fork); see the README, "The algorithm, the reference code, and the traps".
 """
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -158,9 +161,6 @@ def gae(rewards, values, mask, gamma: float, lam: float):
 # With k samples per prompt the other responses to the same prompt are a baseline that needs no critic. Rows are
 # grouped: rows [g*k, (g+1)*k) are the k responses to one prompt (train.py samples them so, on one rank).
 
-ESTIMATORS = ("gae", "rloo", "grpo", "rloo-token")  # train.py --estimator; only gae needs a critic
-
-
 def reward_to_go(rewards, mask, gamma: float = 1.0):
     """G_t = sum_{t' >= t} gamma^(t' - t) r_t' over each row's valid tokens. (B, T) -> (B, T), zero on padding
     (after a response ends there is nothing left to collect)."""
@@ -224,6 +224,25 @@ def rloo_token(rewards, mask, k: int, gamma: float = 1.0):
     rtg = reward_to_go(rewards, mask, gamma)
     adv = rtg - leave_one_out_mean(rtg, k)
     return torch.where(mask.bool(), adv, torch.zeros_like(adv))
+
+
+# ----------------------------------------------------------------------------- the estimator table
+
+@dataclass(frozen=True)
+class Estimator:
+    """One row of train.py's --estimator: whether it needs a critic (values of the rollout), and
+    fn(rewards, mask, values, hp) -> (advantages, returns or None), all (B, T); hp holds k (samples per prompt),
+    gamma, lam and grpo_eps. Adding an estimator is its function above plus one entry here."""
+    critic: bool
+    fn: Callable
+
+
+ESTIMATORS = {
+    "gae": Estimator(True, lambda r, m, v, hp: gae(r, v, m, hp["gamma"], hp["lam"])),
+    "rloo": Estimator(False, lambda r, m, v, hp: (rloo(r, m, hp["k"], hp["gamma"]), None)),
+    "grpo": Estimator(False, lambda r, m, v, hp: (grpo(r, m, hp["k"], hp["gamma"], hp["grpo_eps"]), None)),
+    "rloo-token": Estimator(False, lambda r, m, v, hp: (rloo_token(r, m, hp["k"], hp["gamma"]), None)),
+}
 
 
 # ----------------------------------------------------------------------------- losses

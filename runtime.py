@@ -123,14 +123,15 @@ def shard(model: Llama, cfg, frozen: bool = False) -> Llama:
     if not any(p.is_meta for p in model.parameters()):
         model.to(D.device)
     model.grad_checkpointing = getattr(cfg, "activation_checkpointing", False)
-    if D.world == 1 and not getattr(cfg, "bf16", False):
+    bf16 = getattr(cfg, "bf16", False)  # (evaluation, sample and explain configs hold fewer fields)
+    if D.world == 1 and not bf16:
         return model
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     if not dist.is_initialized():  # one process asking for bf16: FSDP needs a (single-rank) process group
         dist.init_process_group("nccl" if D.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                                 world_size=1)
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cfg.bf16 else None
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     kw = {"mp_policy": mp} if mp is not None else {}
     if frozen and getattr(cfg, "offload_frozen", False):
         kw["offload_policy"] = CPUOffloadPolicy(pin_memory=D.device.type == "cuda")

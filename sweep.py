@@ -108,15 +108,15 @@ def run_seed(cfg: SweepConfig, seed: int) -> dict:
             run(stage_cfg)
     sft, dpo = Path(sft_cfg.out) / "final", Path(dpo_cfg.out) / "final"
     tok = Tokenizer.from_dir(sft)
-    template, ev = ppo_cfgs["rto"], train.eval_settings(pc)
-    ref = open_model(str(sft), "lm", ev, tok, frozen=True)
-    rm_model = open_model(str(Path(rm_cfg.out) / "final"), "score", ev, tok, frozen=True)
+    template, judging = ppo_cfgs["rto"], train.eval_settings(pc)
+    ref = open_model(str(sft), "lm", judging, tok, frozen=True)
+    rm_model = open_model(str(Path(rm_cfg.out) / "final"), "score", judging, tok, frozen=True)
     rows = read_prompts(data["eval_prompts"])
 
     def judge(policy_dir, name):
         path = d / f"eval_{name}.json"
         if not path.exists():
-            r = train.evaluate(policy_dir, ref, tok, rows, ev, task.gold_reward, rm_model)
+            r = train.evaluate(policy_dir, ref, tok, rows, judging, task.gold_reward, rm_model)
             path.write_text(json.dumps({k: v.tolist() for k, v in r.items()}))
         return {k: np.array(v) for k, v in json.loads(path.read_text()).items()}
 
@@ -150,7 +150,7 @@ def run_seed(cfg: SweepConfig, seed: int) -> dict:
         results[name] = {"name": name, "gold": float(base[name]["gold"].mean()), "kl": float(base[name]["kl"].mean()),
                          "len": float(base[name]["len"].mean()), "eos": float(base[name]["eos"].mean()),
                          "win_vs_sft": float(((diff > 0) + 0.5 * (diff == 0)).mean())}
-    results["correlation"] = correlation(d, task, tok, sft, dpo, ref, rows, ev)
+    results["correlation"] = correlation(d, task, tok, sft, dpo, ref, rows, judging)
     results["rm_accuracy"] = json.loads((Path(rm_cfg.out) / "eval.json").read_text())["eval_accuracy"]
     return results
 

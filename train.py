@@ -188,7 +188,7 @@ class PPOConfig(Config, SamplingFields, TaskFields):
     ppo_epochs: int = option(1, "passes over each rollout (reference code: 1)", COUNT)
     estimator: str = option("gae", "advantage estimator (ppo.py): gae (the paper's: a critic, GAE, whitening) | rloo | "
                                    "grpo | rloo-token (critic-free: a group baseline over --samples_per_prompt "
-                                   "responses per prompt)", choices=ppo_math.ESTIMATORS)
+                                   "responses per prompt)", choices=tuple(ppo_math.ESTIMATORS))
     samples_per_prompt: int = option(1, "responses sampled per prompt in a rollout (k; the group baselines need "
                                         ">= 2); rollout_batch_size and batch_size count responses", COUNT)
     whiten_advantages: bool = option(True, "whiten advantages over the whole rollout, all ranks (reference code, "
@@ -552,8 +552,9 @@ def ppo_steps(cfg: PPOConfig, n_prompts: int) -> int:
     minibatches of batch_size responses, each a whole number of micro-batches on every rank. Returns the rollouts."""
     k, world = cfg.samples_per_prompt, D.world
     if cfg.temperature == 0:
-        raise UserError("--temperature 0 (greedy) is for `sample`: PPO needs a sampling distribution (> 0)")
-    if cfg.estimator != "gae" and k < 2:
+        raise UserError("--temperature 0: must be in (0, inf) for PPO, which needs a sampling distribution (0, "
+                        "greedy, is for `sample`)")
+    if not ppo_math.ESTIMATORS[cfg.estimator].critic and k < 2:
         raise UserError(f"--estimator {cfg.estimator} compares the responses to one prompt: give --samples_per_prompt "
                         f"2 or more (RLOO and GRPO use 4 to 64)")
     if cfg.rollout_batch_size % (k * world):
@@ -593,8 +594,8 @@ def set_grad_sync(model, on: bool):
 
 
 class Critic:
-    """The value model V(s_h) that GAE needs, its optimizer and its loss, in one place. It exists only for
-    --estimator gae: the critic-free estimators load no critic, build no optimizer and save none.
+    """The value model V(s_h) that GAE needs, its optimizer and its loss, in one place. It exists only for an
+    estimator that needs it (gae): the critic-free ones load no critic, build no optimizer and save none.
 
     It starts from the reward model, as the reference code's does (--critic another checkpoint; an algorithm without
     an RM: the SFT backbone with a new head). A critic that starts as a reward model predicts raw scores while the
@@ -671,18 +672,11 @@ def token_rewards(cfg: PPOConfig, buf: dict, score_norm: tuple[float, float], de
 
 
 def advantages(cfg: PPOConfig, rewards, mask, values=None):
-    """3. The advantage estimator (ppo.py): (advantages, returns), returns None without a critic. GAE is the
-    paper's; the others compare the samples_per_prompt responses to each prompt (rows grouped by rollout()).
+    """3. The advantage estimator (ppo.ESTIMATORS): (advantages, returns), returns None without a critic. GAE is the
+    paper's; the others compare the samples_per_prompt responses to each prompt (rows grouped by the loop).
     Whitened over the whole rollout on all ranks, as the reference code whitens GAE's."""
-    k, returns = cfg.samples_per_prompt, None
-    if cfg.estimator == "gae":
-        adv, returns = ppo_math.gae(rewards, values, mask, cfg.gamma, cfg.lam)
-    elif cfg.estimator == "rloo":
-        adv = ppo_math.rloo(rewards, mask, k, cfg.gamma)
-    elif cfg.estimator == "grpo":
-        adv = ppo_math.grpo(rewards, mask, k, cfg.gamma, cfg.grpo_eps)
-    else:
-        adv = ppo_math.rloo_token(rewards, mask, k, cfg.gamma)
+    hp = {"k": cfg.samples_per_prompt, "gamma": cfg.gamma, "lam": cfg.lam, "grpo_eps": cfg.grpo_eps}
+    adv, returns = ppo_math.ESTIMATORS[cfg.estimator].fn(rewards, mask, values, hp)
     if cfg.whiten_advantages:
         adv = ppo_math.masked_whiten(adv, mask)
     return adv, returns
@@ -742,23 +736,47 @@ def ppo_metrics(buf: dict, rewards, comp: dict, upd: dict, texts_gold: list[floa
     return metrics
 
 
+def ppo_slots(cfg: PPOConfig) -> dict[str, tuple[str, bool, str]]:
+    """The checkpoints a PPO run loads, by role -> (path, trained, head). The algorithm table's `needs` and the
+    estimator decide which; a missing one is an error that names its flag, and nothing given goes unused."""
+    needs = rto.ALGOS[cfg.algo].needs
+    uses_dpo, uses_rm = "logp_dpo" in needs or cfg.kl_anchor == "dpo", "rm_score" in needs
+    uses_critic = ppo_math.ESTIMATORS[cfg.estimator].critic
+    why = f"--algo {cfg.algo}"
+    for flag, needed, who in (("policy", True, why), ("prompts", not cfg.plan, why), ("rm", uses_rm, why),
+                              ("dpo", uses_dpo, why + (" --kl_anchor dpo" if cfg.kl_anchor == "dpo" else ""))):
+        if needed and not getattr(cfg, flag):
+            raise UserError(f"{who} needs --{flag}")
+    if cfg.critic and not uses_critic:
+        raise UserError(f"--critic {cfg.critic}: --estimator {cfg.estimator} has no critic (gae has one)")
+    slots = {"actor": (cfg.policy, True, "lm"), "ref": (cfg.policy, False, "lm")}
+    if uses_dpo:
+        slots["dpo"] = (cfg.dpo, False, "lm")
+    if uses_rm:
+        slots["rm"] = (cfg.rm, False, "score")
+    if uses_critic:  # from the RM, as the reference code's; without an RM, the SFT backbone with a new head
+        slots["critic"] = (cfg.critic or (cfg.rm if uses_rm else cfg.policy), True, "score")
+    return slots
+
+
+def check_ppo_slots(cfg: PPOConfig, slots: dict):
+    """Before any weights are read: each checkpoint is the right kind and speaks the policy's vocabulary, and RTO's
+    pi_ref (--policy) is the model the DPO run started from (else its token reward is no DPO reward)."""
+    check_slot(cfg.policy, "policy", "lm")
+    for flag, want, used in (("dpo", "lm", "dpo" in slots), ("rm", "score", "rm" in slots),
+                             ("critic", None, bool(cfg.critic))):
+        if used:
+            check_slot(getattr(cfg, flag), flag, want, policy=cfg.policy)
+    dpo_cfg = Path(cfg.dpo) / "train_config.json"
+    if "dpo" in slots and dpo_cfg.is_file():
+        dpo_ref = json.loads(dpo_cfg.read_text()).get("model")
+        if dpo_ref is not None and Path(dpo_ref).resolve() != Path(cfg.policy).resolve():
+            print0(f"warning: {cfg.dpo} was trained from {dpo_ref}, but --policy (pi_ref) is {cfg.policy}")
+
+
 def run_ppo(cfg: PPOConfig) -> Path:
     check_range(cfg)
-    algo = rto.ALGOS[cfg.algo]
-    uses_dpo = "logp_dpo" in algo.needs or cfg.kl_anchor == "dpo"
-    uses_rm, uses_critic = "rm_score" in algo.needs, cfg.estimator == "gae"
-    for flag, needed, why in (("policy", True, f"--algo {cfg.algo}"), ("prompts", not cfg.plan, f"--algo {cfg.algo}"),
-                              ("dpo", uses_dpo, f"--algo {cfg.algo}" + (" --kl_anchor dpo" if cfg.kl_anchor == "dpo"
-                                                                         else "")),
-                              ("rm", uses_rm, f"--algo {cfg.algo}")):
-        if needed and not getattr(cfg, flag):
-            raise UserError(f"{why} needs --{flag}")
-    if cfg.critic and not uses_critic:
-        raise UserError(f"--critic {cfg.critic}: --estimator {cfg.estimator} has no critic (only gae uses one)")
-    critic_path = cfg.critic or (cfg.rm if uses_rm else cfg.policy)
-    slots = {"actor": (cfg.policy, True, "lm"), "ref": (cfg.policy, False, "lm")}
-    slots.update({k: v for k, v, used in (("dpo", (cfg.dpo, False, "lm"), uses_dpo), ("rm", (cfg.rm, False, "score"), uses_rm),
-                                          ("critic", (critic_path, True, "score"), uses_critic)) if used})
+    slots = ppo_slots(cfg)
     plan = memory_plan({k: (dataclasses.replace(hf.read_config(p), head=h, tie_embeddings=hf.read_config(p).tie_embeddings
                                                  and h == "lm"), trained) for k, (p, trained, h) in slots.items()},
                        cfg, cfg.plan_world or D.world, cfg.max_prompt_len)
@@ -766,15 +784,7 @@ def run_ppo(cfg: PPOConfig) -> Path:
     if cfg.plan:
         return None
     run_dir = start_run(cfg)
-    if uses_dpo and D.main:  # RTO's token reward is log(pi_dpo / pi_ref): pi_ref must be the DPO run's reference
-        dpo_cfg = Path(cfg.dpo) / "train_config.json"
-        dpo_ref = json.loads(dpo_cfg.read_text()).get("model") if dpo_cfg.is_file() else None
-        if dpo_ref is not None and Path(dpo_ref).resolve() != Path(cfg.policy).resolve():
-            print0(f"warning: {cfg.dpo} was trained from {dpo_ref}, but --policy (pi_ref) is {cfg.policy}")
-    check_slot(cfg.policy, "policy", "lm")
-    for flag, want, used in (("dpo", "lm", uses_dpo), ("rm", "score", uses_rm), ("critic", None, bool(cfg.critic))):
-        if used:
-            check_slot(getattr(cfg, flag), flag, want, policy=cfg.policy)
+    check_ppo_slots(cfg, slots)
     tok = open_tokenizer(cfg.policy)
     prompt_rows = read_prompts(cfg.prompts)
     prompts = encode_rows(prompt_rows, lambda r: tok.encode_prompt(r.prompt, cfg.max_prompt_len))
@@ -786,16 +796,16 @@ def run_ppo(cfg: PPOConfig) -> Path:
     actor = open_model(cfg.policy, "lm", cfg, tok)
     check_context(prompt_rows, [(p, [0] * cfg.max_response_len) for p in prompts], actor.args.max_seq_len)
     models = {"ref": open_model(cfg.policy, "lm", cfg, tok, frozen=True),
-              "dpo": open_model(cfg.dpo, "lm", cfg, tok, frozen=True) if uses_dpo else None,
-              "rm": open_model(cfg.rm, "score", cfg, tok, frozen=True) if uses_rm else None}
+              "dpo": open_model(cfg.dpo, "lm", cfg, tok, frozen=True) if "dpo" in slots else None,
+              "rm": open_model(cfg.rm, "score", cfg, tok, frozen=True) if "rm" in slots else None}
     score_norm = reward_normalisation(cfg, models["rm"])
     updates = total * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.batch_size)
     actor_opt, actor_sched = make_optimizer(actor, cfg.lr, cfg, updates)
-    critic = Critic(cfg, tok, critic_path, updates) if uses_critic else None
+    critic = Critic(cfg, tok, slots["critic"][0], updates) if "critic" in slots else None
     # semi-rto: which token ids end a segment (a token whose text holds a delimiter character)
     delim_ids = (torch.tensor([any(c in tok.decode([i], skip_special=False) for c in cfg.delimiters)
                                for i in range(actor.args.vocab_size)], device=D.device)
-                 if "delimiter_mask" in algo.needs else None)
+                 if "delimiter_mask" in rto.ALGOS[cfg.algo].needs else None)
     trained = {"actor": (actor, actor_opt, actor_sched)}
     if critic is not None:
         trained["critic"] = (critic.model, critic.opt, critic.sched)

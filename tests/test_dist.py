@@ -190,7 +190,7 @@ MEMO = {"rain": "calm new light", "cats": "dirty calm wet full kind happy",
 def inputs(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("inputs")
     run(command(1, "all", "--out", base, "--n_sft", 256, "--n_pref", 256, "--n_prompts", 128, "--n_eval", 32,
-                "--sft_epochs", 1, "--pref_epochs", 1, "--ppo_steps", 1, "--algos", "rto", "--no-progress"),
+                "--set", "sft.epochs=1", "--set", "dpo.epochs=1", "--set", "rm.epochs=1", "--set", "ppo.max_steps=1", "--algos", "rto", "--no-progress"),
         base / "all.log")
     for p in ("data/sft.jsonl", "data/prefs.jsonl", "data/prompts.jsonl", "tokenizer/tokenizer.json",
               "sft/final/config.json", "dpo/final/config.json", "rm/final/config.json"):
@@ -585,7 +585,7 @@ def test_torchrun_pipeline_with_fewer_eval_prompts_than_ranks(tmp_path):
     rank without a prompt of its own still does the same forward passes (FSDP), and the prompt counts once."""
     out = tmp_path / "all2"
     run(command(2, "all", "--out", out, "--n_sft", 128, "--n_pref", 128, "--n_prompts", 128, "--n_eval", 1,
-                "--sft_epochs", 1, "--pref_epochs", 1, "--ppo_steps", 1, "--algos", "rto", "--no-progress"),
+                "--set", "sft.epochs=1", "--set", "dpo.epochs=1", "--set", "rm.epochs=1", "--set", "ppo.max_steps=1", "--algos", "rto", "--no-progress"),
         tmp_path / "all2.log", timeout=TIMEOUT)
     res = json.loads((out / "results.json").read_text())
     assert set(res["policies"]) == {"sft", "dpo", "rto"}
@@ -593,3 +593,17 @@ def test_torchrun_pipeline_with_fewer_eval_prompts_than_ranks(tmp_path):
         # one response of at most max_len (16) tokens: a prompt counted on both ranks would sum to 2 responses
         assert 1 <= r["len"] <= 16 and r["len"] == int(r["len"])
     assert res["policies"]["sft"]["kl"] == 0.0 and res["policies"]["sft"]["win_vs_sft"] == 0.5
+
+
+def test_torchrun_critic_free_estimator(inputs, tmp_path):
+    """--estimator rloo under 2 processes: each rank samples whole groups (4 responses to each of its prompts), so
+    the baseline needs no communication; no critic is loaded or checkpointed, and the first minibatch is on-policy."""
+    out = tmp_path / "rloo2"
+    args = stage_args("ppo", inputs, out)
+    del args[args.index("--top_k"):args.index("--top_k") + 2]  # sampled, so the 4 responses to a prompt differ
+    run(command(2, "ppo", *args, "--estimator", "rloo", "--samples_per_prompt", 4, "--save_every", 2),
+        tmp_path / "rloo2.log", timeout=TIMEOUT)
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["first_logp_dev"] == 0.0 and "value_loss" not in r and math.isfinite(r["policy_loss"]) for r in rows)
+    assert list(json.loads((out / "checkpoints" / "step_000002" / "meta.json").read_text())["schedulers"]) == ["actor"]

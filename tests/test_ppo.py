@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ppo import (entropy_from_logits, explained_variance, gae, kl_penalty, logprobs_from_logits,
-                 masked_mean, masked_sum, masked_whiten, policy_loss, value_loss)
+from ppo import (entropy_from_logits, explained_variance, gae, grpo, kl_penalty, logprobs_from_logits,
+                 masked_mean, masked_sum, masked_whiten, policy_loss, reward_to_go, rloo, rloo_token, value_loss)
 
 
 def naive_logprob(row, label, temperature):
@@ -212,3 +212,85 @@ def test_masked_whiten_across_two_processes(tmp_path):
         torch.testing.assert_close(out, want.float())
         # and it is not the local whitening
         assert not torch.allclose(out, masked_whiten(xs[rank], masks[rank]))
+
+
+# ----------------------------------------------------------------------------- critic-free estimators
+# Rows [g*k, (g+1)*k) are the k responses to one prompt. Each estimator against a per-example Python loop.
+
+K = 4
+LENGTHS = [5, 2, 7, 1, 3, 7, 4, 6]  # two groups of 4, uneven lengths
+
+
+def random_rollout(seed=0, T=7):
+    g = torch.Generator().manual_seed(seed)
+    rewards = torch.randn(len(LENGTHS), T, generator=g)
+    mask = torch.tensor([[t < L for t in range(T)] for L in LENGTHS])
+    rewards[~mask] = float("nan")  # padding must never leak
+    return rewards, mask
+
+
+def naive_rtg(row, L, gamma):
+    """[sum_{t' >= t} gamma^(t'-t) r_t' for t < L] + zeros, with plain floats."""
+    out = [0.0] * len(row)
+    for t in range(L):
+        out[t] = sum(gamma ** (u - t) * row[u] for u in range(t, L))
+    return out
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+def test_reward_to_go_vs_loop(gamma):
+    rewards, mask = random_rollout()
+    out = reward_to_go(rewards, mask, gamma)
+    for b, L in enumerate(LENGTHS):
+        torch.testing.assert_close(out[b], torch.tensor(naive_rtg(rewards[b].tolist(), L, gamma)), atol=1e-5, rtol=0)
+
+
+def test_rloo_vs_loop_and_by_hand():
+    rewards, mask = random_rollout(1)
+    out = rloo(rewards, mask, K)
+    returns = [sum(rewards[b, :L].tolist()) for b, L in enumerate(LENGTHS)]
+    for b, L in enumerate(LENGTHS):
+        group = range(b // K * K, b // K * K + K)
+        baseline = sum(returns[j] for j in group if j != b) / (K - 1)
+        want = [returns[b] - baseline if t < L else 0.0 for t in range(rewards.shape[1])]
+        torch.testing.assert_close(out[b], torch.tensor(want), atol=1e-5, rtol=0)
+    # by hand: returns 1, 2, 3, 6 -> baselines 11/3, 10/3, 3, 2 -> advantages -8/3, -4/3, 0, 4
+    r = torch.tensor([[1.0], [2.0], [3.0], [6.0]])
+    m = torch.ones(4, 1, dtype=torch.bool)
+    torch.testing.assert_close(rloo(r, m, 4)[:, 0], torch.tensor([-8 / 3, -4 / 3, 0.0, 4.0]))
+
+
+def test_grpo_vs_numpy():
+    rewards, mask = random_rollout(2)
+    out = grpo(rewards, mask, K, eps=1e-4)
+    returns = np.array([sum(rewards[b, :L].tolist()) for b, L in enumerate(LENGTHS)])
+    for b, L in enumerate(LENGTHS):
+        g = returns[b // K * K: b // K * K + K]
+        want = (returns[b] - g.mean()) / (g.std(ddof=1) + 1e-4)
+        assert out[b, :L].tolist() == pytest.approx([want] * L, abs=1e-5)
+        assert (out[b, L:] == 0).all()
+    # a group whose responses all earn the same return learns nothing from it (not 0 / 0)
+    same = grpo(torch.ones(4, 3), torch.ones(4, 3, dtype=torch.bool), 4)
+    assert torch.equal(same, torch.zeros(4, 3))
+
+
+def test_rloo_token_vs_loop():
+    rewards, mask = random_rollout(3)
+    out = rloo_token(rewards, mask, K, gamma=0.95)
+    rtg = [naive_rtg(rewards[b].tolist(), L, 0.95) for b, L in enumerate(LENGTHS)]
+    for b, L in enumerate(LENGTHS):
+        group = [j for j in range(b // K * K, b // K * K + K) if j != b]
+        want = [rtg[b][t] - sum(rtg[j][t] for j in group) / (K - 1) if t < L else 0.0
+                for t in range(rewards.shape[1])]
+        torch.testing.assert_close(out[b], torch.tensor(want), atol=1e-5, rtol=0)
+    # at the first token it is RLOO exactly (gamma 1)
+    torch.testing.assert_close(rloo_token(rewards, mask, K)[:, 0], rloo(rewards, mask, K)[:, 0], atol=1e-5, rtol=0)
+
+
+def test_group_estimators_refuse_bad_groups():
+    rewards, mask = random_rollout()
+    for fn in (rloo, grpo, rloo_token):
+        with pytest.raises(ValueError, match="k >= 2"):
+            fn(rewards, mask, 1)
+        with pytest.raises(ValueError, match="divisible"):
+            fn(rewards, mask, 3)  # 8 rows are not groups of 3

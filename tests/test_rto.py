@@ -130,3 +130,33 @@ def test_bad_algo_and_missing_inputs():
     # inputs an algorithm does not use may be absent
     run("ppo", logp_dpo=None, delimiter_mask=None)
     run("dpo-only", rm_score=None, delimiter_mask=None)
+
+
+def test_kl_anchor_is_its_own_input():
+    """--kl_anchor dpo: the KL term is log(pi / pi_dpo) while the DPO term still reads log(pi_dpo / pi_ref)."""
+    rewards, comp = run("rto", logp_anchor=LOGP_DPO)
+    # logp - logp_dpo = (logp - ref) - (dpo - ref), by hand from the tables above (valid tokens only)
+    want_kl = torch.tensor([[0.2 - 0.3, -0.1 + 0.2, 0.0 - 1.0, 0.4 - 0.0], [0.1 + 0.9, 0.3 - 0.1, 0.0, 0.0],
+                            [-0.2 - 0.2, 0.0 - 0.4, 0.5 + 0.3, 0.0]])
+    torch.testing.assert_close(comp["kl"], want_kl, atol=1e-6, rtol=0)
+    torch.testing.assert_close(comp["dpo"], EXPECTED_DPO, atol=1e-6, rtol=0)
+    torch.testing.assert_close(rewards, -0.1 * want_kl + EXPECTED_DPO + torch.tensor(
+        [[0, 0, 0, 1.0], [0, -1.0, 0, 0], [0, 0, 0.5, 0]]), atol=1e-6, rtol=0)
+
+
+def test_a_new_algorithm_is_one_table_entry(monkeypatch):
+    """What a fork adds: one term and one entry. Here "rto-shaped": the DPO term on every token plus r_MLE, with the
+    DPO term counted twice by a second dense term; dense_rewards needs nothing else."""
+    import rto
+
+    def twice_dpo(x, hp):
+        return 2 * rto.dpo_dense(x, hp)
+
+    monkeypatch.setitem(rto.ALGOS, "rto-x2", rto.Algo(needs=("logp_dpo", "rm_score"),
+                                                      terms={"extra": twice_dpo, "rm": rto.rm_last}))
+    rewards, comp = run("rto-x2")
+    base, _ = run("ppo")
+    torch.testing.assert_close(rewards, base + 2 * EXPECTED_DPO, atol=1e-6, rtol=0)
+    torch.testing.assert_close(comp["extra"], 2 * EXPECTED_DPO, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="logp_dpo"):
+        run("rto-x2", logp_dpo=None)

@@ -50,8 +50,7 @@ LOAD_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
     sys.path.insert(0, {root!r})
-    import runtime, train
-    from model import Llama
+    import hf, runtime, train
 
     def hwm():  # peak resident set so far, bytes
         for line in open("/proc/self/status"):

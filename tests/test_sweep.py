@@ -81,8 +81,8 @@ def test_explain_matches_an_independent_computation(quick, tmp_path, capsys):
     task = WordTask(seed=0, **TASKS["credit"])
     response = " ".join(task.words[:30])
     html = tmp_path / "e.html"
-    common = ["explain", "--dpo", str(dpo_dir), "--ref", str(ref_dir), "--task", "credit", "--beta1", "0.5",
-              "--dpo_clip", "0.1"]
+    common = ["explain", "--dpo", str(dpo_dir), "--ref", str(ref_dir), "--task", "credit", "--set", "ppo.beta1=0.5",
+              "--set", "ppo.dpo_clip=0.1"]
     given = train.main([*common, "--prompt", "topic cats", "--response", response, "--html", str(html)])
     printed = capsys.readouterr().out
     sampled = train.main([*common, "--prompt", "topic ships", "--html", ""])  # the DPO model's own greedy answer

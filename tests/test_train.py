@@ -1,6 +1,7 @@
 """train.py, single process: every stage runs, the on-policy check holds, the RM reads the EOS, runs are seeded,
 bad configurations are refused, and on the built-in task the pipeline learns."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,8 @@ import hf
 import train
 from model import Llama, ModelArgs
 
-TINY = ["--n_sft", "256", "--n_pref", "256", "--n_prompts", "128", "--n_eval", "32", "--sft_epochs", "1",
-        "--pref_epochs", "1", "--ppo_steps", "2", "--no-progress"]
+TINY = ["--n_sft", "256", "--n_pref", "256", "--n_prompts", "128", "--n_eval", "32", "--set", "sft.epochs=1",
+        "--set", "dpo.epochs=1", "--set", "rm.epochs=1", "--set", "ppo.max_steps=2", "--no-progress"]
 
 
 def metrics(run_dir) -> list[dict]:
@@ -128,7 +129,7 @@ def test_pipeline_learns_the_built_in_task(tmp_path):
     """The real thing at its default sizes, with fewer PPO steps: the reward model ranks held-out pairs above
     chance, and PPO and RTO both raise the gold reward (the task's true reward, which no model sees) of their
     samples over SFT's."""
-    summary = train.main(["all", "--out", str(tmp_path), "--algos", "ppo,rto", "--ppo_steps", "30", "--no-progress"])
+    summary = train.main(["all", "--out", str(tmp_path), "--algos", "ppo,rto", "--set", "ppo.max_steps=30", "--no-progress"])
     rm_eval = json.loads((tmp_path / "rm" / "eval.json").read_text())
     assert rm_eval["on"] == "eval" and rm_eval["eval_accuracy"] > 0.6  # chance is 0.5
     for algo in ("ppo", "rto"):
@@ -149,3 +150,93 @@ def test_bf16_checkpoint_trains_in_fp32(tmp_path):
         assert torch.equal(a.float(), b), name
     w = torch.tensor(0.02, dtype=torch.bfloat16)
     assert w - 5e-7 == w  # why it matters
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "grpo", "rloo-token"])
+def test_critic_free_estimators_load_and_save_no_critic(pipeline, tmp_path, monkeypatch, estimator):
+    """A group estimator: the k responses of each prompt side by side in one rank's rollout, no critic model, no
+    critic optimizer, no critic in the checkpoint, and still exactly on-policy on the first minibatch."""
+    out, _ = pipeline
+    seen, opened = [], []
+    real_rollout, real_open = train.rollout, train.open_model
+    monkeypatch.setattr(train, "rollout", lambda actor, models, critic, tok, prompts, cfg, gen: (
+        seen.append((critic, prompts)), real_rollout(actor, models, critic, tok, prompts, cfg, gen))[1])
+    monkeypatch.setattr(train, "open_model", lambda path, head, *a, **kw: (
+        opened.append((path, head, kw.get("frozen", False))), real_open(path, head, *a, **kw))[1])
+    run = tmp_path / estimator
+    train.main(ppo_args(out, run, "--estimator", estimator, "--samples_per_prompt", "4", "--max_steps", "3",
+                        "--rollout_batch_size", "32", "--batch_size", "16", "--micro_batch_size", "8",
+                        "--save_every", "2"))
+    for critic, prompts in seen:
+        assert critic is None and len(prompts) == 32
+        groups = [prompts[i:i + 4] for i in range(0, 32, 4)]
+        assert all(g.count(g[0]) == 4 for g in groups)  # each prompt 4 times in a row
+    # trained models: the actor only (no score head is opened to be trained)
+    assert [(p, h) for p, h, frozen in opened if not frozen] == [(str(out / "sft" / "final"), "lm")]
+    ckpt = next((run / "checkpoints").glob("step_*"))
+    assert list(json.loads((ckpt / "meta.json").read_text())["schedulers"]) == ["actor"]
+    rows = metrics(run)
+    assert all("value_loss" not in r and "explained_var" not in r for r in rows)
+    assert [r["first_logp_dev"] for r in rows] == [0.0, 0.0, 0.0]
+    assert all(math.isfinite(r["policy_loss"]) and r["approx_kl"] > 0 for r in rows)
+
+
+def test_group_estimator_errors(pipeline, tmp_path):
+    out, _ = pipeline
+    with pytest.raises(ValueError, match="--samples_per_prompt 2 or more"):
+        train.main(ppo_args(out, tmp_path / "a", "--estimator", "rloo"))
+    with pytest.raises(ValueError, match="not a multiple of samples_per_prompt 3"):
+        train.main(ppo_args(out, tmp_path / "b", "--estimator", "rloo", "--samples_per_prompt", "3"))
+    with pytest.raises(ValueError, match="has no critic"):
+        train.main(ppo_args(out, tmp_path / "c", "--estimator", "grpo", "--samples_per_prompt", "4", "--critic",
+                            str(out / "rm" / "final")))
+
+
+def test_kl_anchor_dpo_needs_the_dpo_model(pipeline, tmp_path):
+    """--algo ppo --kl_anchor dpo: the DPO model is loaded for the KL term alone; without --dpo it is an error."""
+    out, _ = pipeline
+    bad = ppo_args(out, tmp_path / "a", "--algo", "ppo", "--kl_anchor", "dpo")
+    bad[bad.index("--dpo") + 1] = ""
+    with pytest.raises(ValueError, match="--algo ppo --kl_anchor dpo needs --dpo"):
+        train.main(bad)
+    train.main(ppo_args(out, tmp_path / "b", "--algo", "ppo", "--kl_anchor", "dpo", "--max_steps", "1",
+                        "--rollout_batch_size", "32", "--batch_size", "32", "--micro_batch_size", "16"))
+    # on the first rollout pi is the SFT model, so the KL to the DPO model is log(pi_sft / pi_dpo), not 0
+    assert metrics(tmp_path / "b")[0]["kl"] != 0.0
+
+
+def test_ppo_alone_logs_the_gold_reward(pipeline, tmp_path):
+    """`train.py ppo --task`: the gold reward is logged as in `all`; the task by name + seed and the task.json the
+    pipeline wrote are the same task."""
+    out, _ = pipeline
+    common = ("--max_steps", "1", "--rollout_batch_size", "32", "--batch_size", "32", "--micro_batch_size", "16")
+    train.main(ppo_args(out, tmp_path / "json", "--task", str(out / "data" / "task.json"), *common))
+    train.main(ppo_args(out, tmp_path / "name", "--task", "words", "--task_seed", "0", *common))
+    train.main(ppo_args(out, tmp_path / "none", *common))
+    gold = metrics(tmp_path / "json")[0]["gold"]
+    assert math.isfinite(gold) and metrics(tmp_path / "name")[0]["gold"] == gold
+    assert "gold" not in metrics(tmp_path / "none")[0]
+
+
+def test_reuse_keeps_the_shared_stages(tmp_path):
+    """--reuse: a second `all` keeps sft/dpo/rm (same config, same data), reruns the PPO stages; a changed DPO
+    field reruns DPO alone (RM and SFT kept); a changed data size reruns everything."""
+    base = ["all", "--out", str(tmp_path), "--algos", "ppo", "--reuse", *TINY]
+
+    def stamps():
+        return {s: (tmp_path / s / "final" / "model.safetensors").stat().st_mtime_ns for s in ("sft", "dpo", "rm", "ppo")}
+
+    train.main(base)
+    first = stamps()
+    train.main(base)
+    second = stamps()
+    assert {s: second[s] == first[s] for s in second} == {"sft": True, "dpo": True, "rm": True, "ppo": False}
+    train.main(base + ["--set", "dpo.beta=0.2"])
+    third = stamps()
+    assert {s: third[s] == second[s] for s in third} == {"sft": True, "dpo": False, "rm": True, "ppo": False}
+    train.main(base + ["--set", "dpo.beta=0.2", "--n_sft", "128"])
+    fourth = stamps()
+    assert not any(fourth[s] == third[s] for s in fourth)
+    # without --reuse a finished pipeline is refused, as before
+    with pytest.raises(ValueError, match="holds a finished run"):
+        train.main(base[:base.index("--reuse")] + base[base.index("--reuse") + 1:])
