@@ -17,6 +17,9 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
@@ -72,62 +75,136 @@ def hf_name(name: str) -> str:
     return HF_NAMES[name]
 
 
+# No real checkpoint comes near these; a config.json beyond them is damaged or hostile (checked before anything is
+# allocated: a meta model of a million layers takes minutes to build).
+MAX_POSITIONS = 1 << 26  # max_position_embeddings (the longest context of a released Llama-family model is ~10M)
+
+
+def _int(cfg: dict, path: str, key: str, default=None, minimum: int = 1):
+    """An integer field >= minimum; absent or null gives default (a required field has none)."""
+    v = cfg.get(key)
+    if v is None:
+        if default is None:
+            raise ValueError(f"{path}: missing field '{key}'" if key not in cfg else
+                             f"{path}: field '{key}' is null; expected a positive integer")
+        return default
+    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+        raise ValueError(f"{path}: field '{key}' is {v!r}; expected a positive integer"
+                         if minimum == 1 else f"{path}: field '{key}' is {v!r}; expected an integer >= {minimum}")
+    return v
+
+
+def _positive(cfg: dict, path: str, key: str, default: float) -> float:
+    """A finite positive number (rope_theta, rms_norm_eps: infinity gives a model that ignores positions, or a
+    constant one)."""
+    v = cfg.get(key, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{path}: field '{key}' is {v!r}; expected a finite positive number")
+    return v
+
+
+def _flag(cfg: dict, path: str, key: str) -> bool:
+    v = cfg.get(key, False)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise ValueError(f"{path}: field '{key}' is {v!r}; expected true or false")
+    return v
+
+
+def _optional_number(cfg: dict, path: str, key: str):
+    v = cfg.get(key)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+        raise ValueError(f"{path}: field '{key}' is {v!r}; expected a finite number or null")
+    return v
+
+
+def _token_ids(cfg: dict, path: str, key: str, vocab: int):
+    """bos/eos/pad_token_id: null, an id, or (eos) a list of ids, each inside the vocabulary."""
+    v = cfg.get(key)
+    for i in (v if isinstance(v, list) else [v]):
+        if i is not None and (not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < vocab):
+            raise ValueError(f"{path}: field '{key}' is {v!r}; expected token ids in [0, {vocab}) (vocab_size)")
+    return v
+
+
 def args_from_config(cfg: dict, path: str = "config.json") -> ModelArgs:
-    """config.json (a dict) -> ModelArgs, every field the network needs checked; errors name the file and field."""
+    """config.json (a dict) -> ModelArgs, every field the network reads checked for type and range before anything
+    is allocated; errors name the file and field."""
     model_type = cfg.get("model_type", "llama")
-    if model_type not in HF_ARCHITECTURES:
+    if not isinstance(model_type, str) or model_type not in HF_ARCHITECTURES:
         raise ValueError(f"{path}: field 'model_type' is {model_type!r}; accepted: {sorted(HF_ARCHITECTURES)} "
                          f"(Llama-family decoders; Qwen2, Gemma, MoE and others compute something else)")
-    arch = (cfg.get("architectures") or [HF_ARCHITECTURES[model_type]["lm"]])[0]
+    archs = cfg.get("architectures") or [HF_ARCHITECTURES[model_type]["lm"]]
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ValueError(f"{path}: field 'architectures' is {archs!r}; expected a list of class names")
+    arch = archs[0]
     if arch not in HF_ARCHITECTURES[model_type].values():
         raise ValueError(f"{path}: field 'architectures' is {arch!r}; accepted for {model_type}: "
                          f"{sorted(HF_ARCHITECTURES[model_type].values())}")
     if cfg.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{path}: field 'hidden_act' is {cfg['hidden_act']!r}; this implementation supports 'silu'")
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
-        if key not in cfg:
-            raise ValueError(f"{path}: missing field '{key}'")
-        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] <= 0:
-            raise ValueError(f"{path}: field '{key}' is {cfg[key]!r}; expected a positive integer")
-    for key in ("rms_norm_eps", "rope_theta"):
-        v = cfg.get(key, 1.0)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
-            raise ValueError(f"{path}: field '{key}' is {v!r}; expected a positive number")
-    window, max_pos = cfg.get("sliding_window"), cfg.get("max_position_embeddings", 2048)
+    dim, n_layers, n_heads, vocab, hidden = (_int(cfg, path, k) for k in (
+        "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"))
+    n_kv_heads = _int(cfg, path, "num_key_value_heads", n_heads)
+    head_dim = _int(cfg, path, "head_dim", 0, minimum=0)
+    max_pos = _int(cfg, path, "max_position_embeddings", 2048)
+    if max_pos > MAX_POSITIONS:
+        raise ValueError(f"{path}: field 'max_position_embeddings' is {max_pos}, beyond any real model's context "
+                         f"({MAX_POSITIONS}); is the file damaged?")
+    norm_eps, theta = _positive(cfg, path, "rms_norm_eps", 1e-5), _positive(cfg, path, "rope_theta", 10000.0)
+    window = cfg.get("sliding_window")
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool)):
+        raise ValueError(f"{path}: field 'sliding_window' is {window!r}; expected an integer or null")
     if window is not None and window < max_pos:
         raise ValueError(f"{path}: field 'sliding_window' is {window}, shorter than max_position_embeddings "
                          f"{max_pos}; sliding-window attention is not implemented. Full attention equals it on "
                          f"sequences of at most {window} tokens: set max_position_embeddings to {window} in a "
                          f"copy of the checkpoint to use it that way")
     # transformers >= 5 writes one "rope_parameters" dict instead of rope_theta + rope_scaling
+    for key in ("rope_parameters", "rope_scaling"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise ValueError(f"{path}: field '{key}' is {cfg[key]!r}; expected an object or null")
     rope = dict(cfg.get("rope_parameters") or {})
-    rope_theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+    rope_theta = _positive(rope, f"{path} (rope_parameters)", "rope_theta", theta)
+    rope.pop("rope_theta", None)
     rope_scaling = (rope or None) if "rope_parameters" in cfg else cfg.get("rope_scaling")
-    args = ModelArgs(
-        dim=cfg["hidden_size"],
-        n_layers=cfg["num_hidden_layers"],
-        n_heads=cfg["num_attention_heads"],
-        n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-        head_dim=cfg.get("head_dim") or 0,
-        vocab_size=cfg["vocab_size"],
-        hidden_dim=cfg["intermediate_size"],
-        norm_eps=cfg.get("rms_norm_eps", 1e-5),
-        rope_theta=rope_theta,
-        rope_scaling=rope_scaling,
-        max_seq_len=max_pos,
-        tie_embeddings=cfg.get("tie_word_embeddings", False),
-        attention_bias=bool(cfg.get("attention_bias", False)),
-        mlp_bias=bool(cfg.get("mlp_bias", False)),
-        model_type=model_type,
-        sliding_window=window,
-        head="score" if arch == HF_ARCHITECTURES[model_type]["score"] else "lm",
-        bos_token_id=cfg.get("bos_token_id"),
-        eos_token_id=cfg.get("eos_token_id"),
-        pad_token_id=cfg.get("pad_token_id"),
-        added_tokens=list(cfg.get("rto_added_tokens") or []),
-        score_mean=cfg.get("rto_score_mean"),
-        score_std=cfg.get("rto_score_std"),
-    )
+    for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        if rope_scaling is not None and key in rope_scaling:
+            _positive(rope_scaling, f"{path} (rope_scaling)", key, 1.0)
+    for key in ("rto_added_tokens",):
+        if cfg.get(key) is not None and not (isinstance(cfg[key], list) and all(isinstance(t, str) for t in cfg[key])):
+            raise ValueError(f"{path}: field '{key}' is {cfg[key]!r}; expected a list of token strings")
+    try:
+        args = ModelArgs(
+            dim=dim,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            head_dim=head_dim,
+            vocab_size=vocab,
+            hidden_dim=hidden,
+            norm_eps=norm_eps,
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_seq_len=max_pos,
+            tie_embeddings=_flag(cfg, path, "tie_word_embeddings"),
+            attention_bias=_flag(cfg, path, "attention_bias"),
+            mlp_bias=_flag(cfg, path, "mlp_bias"),
+            model_type=model_type,
+            sliding_window=window,
+            head="score" if arch == HF_ARCHITECTURES[model_type]["score"] else "lm",
+            bos_token_id=_token_ids(cfg, path, "bos_token_id", vocab),
+            eos_token_id=_token_ids(cfg, path, "eos_token_id", vocab),
+            pad_token_id=_token_ids(cfg, path, "pad_token_id", vocab),
+            added_tokens=list(cfg.get("rto_added_tokens") or []),
+            score_mean=_optional_number(cfg, path, "rto_score_mean"),
+            score_std=_optional_number(cfg, path, "rto_score_std"),
+        )
+    except ValueError as e:  # heads that do not divide, a tied score head: ModelArgs' own checks, with the file
+        raise ValueError(f"{path}: {e}") from None
     if args.head == "score" and cfg.get("num_labels", len(cfg.get("id2label", {0: 0}))) != 1:
         raise ValueError(f"{path}: a reward model must have num_labels 1")
     if args.rope_scaling is not None:
@@ -137,6 +214,7 @@ def args_from_config(cfg: dict, path: str = "config.json") -> ModelArgs:
                              f"('dynamic' NTK scaling changes the frequencies with the sequence length, "
                              f"which a KV cache cannot follow exactly)")
     return args
+
 
 def config_from_args(args: ModelArgs) -> dict:
     """ModelArgs -> config.json as transformers writes it (LlamaForCausalLM / ...ForSequenceClassification)."""
@@ -194,8 +272,8 @@ def read_config(path) -> ModelArgs:
         raise FileNotFoundError(f"{cfg_path}: not found (expected a Hugging Face checkpoint directory)")
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg_path}: not valid JSON: {e}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{cfg_path}: not valid JSON: {e.__class__.__name__}: {e}") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{cfg_path}: expected a JSON object")
     return args_from_config(cfg, str(cfg_path))
@@ -424,9 +502,33 @@ FALLBACK_NAMES = {
     "pad_token": ["<|finetune_right_pad_id|>", "<|pad|>", "<pad>"],
     "unk_token": ["<unk>", "<|unk|>", "[UNK]"],
 }
+# A chat template runs on every data row: these bound a hostile or broken one, far above what any real template
+# needs (the seven real layouts in tests/fixtures/chat render a conversation in under 1 ms and a few KB).
+TEMPLATE_SECONDS = 5.0  # wall time per conversation (a SIGALRM timer; only in the main thread)
+TEMPLATE_MAX_CHARS = 10_000_000  # characters written per conversation
 NEW_PAD = "<|pad|>"  # added (and the embedding grown by one row) only when the tokenizer has no usable pad at all
 # Stands in for an assistant message when probing a chat template for what closes an assistant turn.
 SENTINEL = "RTO_SENTINEL_7c1f"
+
+
+@contextmanager
+def time_limit(seconds: float, message: str):
+    """Raise DataError(message) if the body runs longer than `seconds` (wall time, SIGALRM). Off the main thread
+    signals cannot interrupt, and the body runs unlimited."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise DataError(message)
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def read_json_file(path: Path) -> dict | None:
@@ -435,8 +537,8 @@ def read_json_file(path: Path) -> dict | None:
         return None
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # (nesting deeper than Python's stack)
+        raise DataError(f"{path}: not valid JSON: {e.__class__.__name__ if isinstance(e, RecursionError) else e}") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path}: expected a JSON object, got {type(obj).__name__}")
     return obj
@@ -520,6 +622,7 @@ class Tokenizer:
         self.config = dict(config) if config is not None else None  # tokenizer_config.json as read
         self.generation_config = dict(generation_config or {})
         self.template_file = template_file  # the template came from chat_template.jinja (written back there)
+        self.template_where = "chat_template.jinja" if template_file else "tokenizer_config.json chat_template"
         self.notes: list[str] = []
         self.added_tokens: list[str] = []  # tokens this class added to the vocabulary (the embedding must grow)
         added = {t.content: i for i, t in tk.get_added_tokens_decoder().items() if t.special}
@@ -666,18 +769,39 @@ class Tokenizer:
 
     def render(self, messages, add_generation_prompt: bool) -> str:
         """The chat template applied to messages, with the context transformers gives it (bos_token, eos_token,
-        ... as strings; tools and documents None)."""
+        ... as strings; tools and documents None). A template is data from a checkpoint: it renders under a time
+        limit and a size limit (TEMPLATE_SECONDS, TEMPLATE_MAX_CHARS), and anything that goes wrong inside it is
+        one DataError that names the template's file (encode_rows adds the data line)."""
         import jinja2
 
         ctx = {k: v for k, v in self.tokens.items() if v is not None}
-        if self.config and self.config.get("additional_special_tokens"):
-            ctx["additional_special_tokens"] = [_token_content(t, "additional_special_tokens")
-                                                for t in self.config["additional_special_tokens"]]
+        extra = (self.config or {}).get("additional_special_tokens")
+        if extra:
+            if not isinstance(extra, list):
+                raise DataError(f"{self.source}/tokenizer_config.json: field 'additional_special_tokens' is "
+                                f"{extra!r}; expected a list of tokens")
+            ctx["additional_special_tokens"] = [_token_content(t, f"{self.source}/tokenizer_config.json field "
+                                                                  f"'additional_special_tokens'") for t in extra]
+        where = f"the chat template of {self.source} ({self.template_where})"
+        out, size = [], 0
         try:
-            return self._template.render(messages=messages, tools=None, documents=None,
-                                         add_generation_prompt=add_generation_prompt, **ctx)
-        except jinja2.TemplateError as e:
-            raise DataError(f"the chat template of {self.source} refused this conversation: {e}") from None
+            with time_limit(TEMPLATE_SECONDS, f"{where} ran for more than {TEMPLATE_SECONDS} s on this conversation "
+                                              f"(a loop that never ends?)"):
+                for piece in self._template.generate(messages=messages, tools=None, documents=None,
+                                                     add_generation_prompt=add_generation_prompt, **ctx):
+                    size += len(piece)
+                    if size > TEMPLATE_MAX_CHARS:
+                        raise DataError(f"{where} wrote more than {TEMPLATE_MAX_CHARS} characters for one "
+                                        f"conversation (a loop that never ends?)")
+                    out.append(piece)
+        except DataError:
+            raise
+        except jinja2.TemplateError as e:  # raise_exception(...), the sandbox's limits, an {% include %}
+            raise DataError(f"{where} refused this conversation: {e.__class__.__name__ + ': ' if not str(e) else ''}"
+                            f"{e or e.__class__.__name__}") from None
+        except Exception as e:  # the template's own bugs: recursion, a division by zero, a bad operand...
+            raise DataError(f"{where} failed on this conversation: {e.__class__.__name__}: {e}") from None
+        return "".join(out)
 
     def _end_of_turn(self) -> int | None:
         """The special token the template closes an assistant turn with: render a probe conversation, tokenize

@@ -68,6 +68,15 @@ class ModelArgs:
         if self.head == "score" and self.tie_embeddings:
             raise ValueError("a score head cannot be tied to the embeddings")
 
+    def num_params(self) -> int:
+        """The parameter count from the shapes alone, without building the model (a config of a million layers must
+        be refused before anything is allocated). A tied output is counted once, as Llama.num_params does."""
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        attn = self.dim * q + 2 * self.dim * kv + q * self.dim + (q + 2 * kv + self.dim) * self.attention_bias
+        mlp = 3 * self.dim * self.hidden_dim + (2 * self.hidden_dim + self.dim) * self.mlp_bias
+        head = self.dim * (1 if self.head == "score" else 0 if self.tie_embeddings else self.vocab_size)
+        return self.vocab_size * self.dim + self.n_layers * (attn + mlp + 2 * self.dim) + self.dim + head
+
     @classmethod
     def preset(cls, name: str, **overrides) -> "ModelArgs":
         if name not in PRESETS:

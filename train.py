@@ -149,10 +149,16 @@ class SFTConfig(Config):
 
 
 @dataclass
-class DPOConfig(Config):
+class PairsConfig(Config):
+    """What DPO and the reward model both read: preference pairs and the SFT checkpoint they start from."""
     data: str = option("", "preference JSONL: {prompt, chosen, rejected} rows")
-    eval_data: str = option("", "held-out preference JSONL for reward accuracy (optional)")
+    eval_data: str = option("", "held-out preference JSONL: accuracy (and for the RM the score mean/std stored for "
+                                "PPO); optional")
     model: str = option("", "the SFT checkpoint to start from (with tokenizer.json)")
+
+
+@dataclass
+class DPOConfig(PairsConfig):
     out: str = option("runs/dpo", "run directory")
     lr: float = option(5e-7, "peak learning rate", POS)
     beta: float = option(0.1, "DPO beta: strength of the KL anchor to the reference (the SFT model)", POS)
@@ -161,10 +167,7 @@ class DPOConfig(Config):
 
 
 @dataclass
-class RMConfig(Config):
-    data: str = option("", "preference JSONL: {prompt, chosen, rejected} rows")
-    eval_data: str = option("", "held-out preference JSONL: accuracy, and the score mean/std stored for PPO")
-    model: str = option("", "the SFT checkpoint to start from (with tokenizer.json)")
+class RMConfig(PairsConfig):
     out: str = option("runs/rm", "run directory")
     lr: float = option(9e-6, "peak learning rate", POS)
 
@@ -175,8 +178,9 @@ class PPOConfig(Config, SamplingFields, TaskFields):
     algo: str = option("rto", "the token reward, a row of rto.ALGOS: ppo (sparse r_MLE) | rto (dense DPO reward + "
                               "r_MLE) | semi-rto | dpo-only | ...", choices=tuple(rto.ALGOS))
     policy: str = option("", "the SFT checkpoint: initial policy and the KL reference pi_ref")
-    dpo: str = option("", "the DPO checkpoint (rto, semi-rto, dpo-only)")
-    rm: str = option("", "the reward model checkpoint (ppo, rto, semi-rto)")
+    dpo: str = option("", "the DPO checkpoint, for the algorithms whose rto.ALGOS entry needs logp_dpo (rto, "
+                          "semi-rto, dpo-only) and for --kl_anchor dpo")
+    rm: str = option("", "the reward model checkpoint, for the algorithms that need rm_score (ppo, rto, semi-rto)")
     critic: str = option("", "critic init (default: --rm, as the reference code does; else --policy + a new head)")
     out: str = option("runs/ppo", "run directory")
     lr: float = option(5e-7, "actor peak learning rate", POS)
