@@ -112,15 +112,32 @@ def _lines(path):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line, object_pairs_hook=_no_duplicate_keys)
             except json.JSONDecodeError as e:
                 raise _err(path, lineno, None, f"invalid JSON: {e}") from None
+            except DuplicateKey as e:
+                raise _err(path, lineno, e.args[0], "appears twice in one object (which one is meant?)") from None
+            except RecursionError:
+                raise _err(path, lineno, None, "invalid JSON: nested deeper than Python can read") from None
             if not isinstance(obj, dict):
                 raise _err(path, lineno, None, f"expected a JSON object, got {type(obj).__name__}")
             n_rows += 1
             yield lineno, obj
     if n_rows == 0:
         raise DataError(f"{path}: no rows (the file is empty)")
+
+
+class DuplicateKey(ValueError):
+    """A JSON object with one key twice (json.loads would silently keep the last)."""
+
+
+def _no_duplicate_keys(pairs):
+    seen = set()
+    for k, _ in pairs:
+        if k in seen:
+            raise DuplicateKey(k)
+        seen.add(k)
+    return dict(pairs)
 
 
 def _get(obj, key, path, lineno):
@@ -135,6 +152,11 @@ def _text(x, key, path, lineno):
         raise _err(path, lineno, key, f"expected str, got {type(x).__name__}")
     if not x.strip():
         raise _err(path, lineno, key, "empty or whitespace-only")
+    try:
+        x.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's "\ud800" escapes decode to half a surrogate pair: no text at all
+        raise _err(path, lineno, key, f"holds a lone surrogate ({x[e.start]!r} at character {e.start + 1}): not "
+                                      f"valid Unicode text") from None
     return x
 
 
@@ -422,3 +444,22 @@ def load_task(spec: str, seed: int = 0) -> WordTask:
         return WordTask(**fields)
     except (ValueError, TypeError) as e:
         raise DataError(f"{path}: not a task description ({e})") from None
+
+
+def row_texts(row) -> list[str]:
+    """Every text of a data row (message contents, responses), for checks that look at the words themselves."""
+    out = []
+
+    def walk(x):
+        if isinstance(x, str):
+            out.append(x)
+        elif isinstance(x, dict):
+            walk(x.get("content"))
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+
+    for f in dataclasses.fields(row):
+        if f.name != "where":
+            walk(getattr(row, f.name))
+    return out

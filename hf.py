@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import threading
@@ -80,14 +81,16 @@ def hf_name(name: str) -> str:
 MAX_POSITIONS = 1 << 26  # max_position_embeddings (the longest context of a released Llama-family model is ~10M)
 
 
-def _int(cfg: dict, path: str, key: str, default=None, minimum: int = 1):
-    """An integer field >= minimum; absent or null gives default (a required field has none)."""
+def _int(cfg: dict, path: str, key: str, default=None, minimum: int = 1, nullable: bool = False):
+    """An integer field >= minimum. Absent gives default (a required field has none); null is refused unless
+    nullable (transformers reads a null num_key_value_heads or head_dim as "derive it")."""
+    if key not in cfg and default is None:
+        raise ValueError(f"{path}: missing field '{key}'")
     v = cfg.get(key)
-    if v is None:
-        if default is None:
-            raise ValueError(f"{path}: missing field '{key}'" if key not in cfg else
-                             f"{path}: field '{key}' is null; expected a positive integer")
+    if key not in cfg or (v is None and nullable):
         return default
+    if v is None:
+        raise ValueError(f"{path}: field '{key}' is null; expected a positive integer")
     if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
         raise ValueError(f"{path}: field '{key}' is {v!r}; expected a positive integer"
                          if minimum == 1 else f"{path}: field '{key}' is {v!r}; expected an integer >= {minimum}")
@@ -148,8 +151,8 @@ def args_from_config(cfg: dict, path: str = "config.json") -> ModelArgs:
         raise ValueError(f"{path}: field 'hidden_act' is {cfg['hidden_act']!r}; this implementation supports 'silu'")
     dim, n_layers, n_heads, vocab, hidden = (_int(cfg, path, k) for k in (
         "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"))
-    n_kv_heads = _int(cfg, path, "num_key_value_heads", n_heads)
-    head_dim = _int(cfg, path, "head_dim", 0, minimum=0)
+    n_kv_heads = _int(cfg, path, "num_key_value_heads", n_heads, nullable=True)
+    head_dim = _int(cfg, path, "head_dim", 0, minimum=0, nullable=True)
     max_pos = _int(cfg, path, "max_position_embeddings", 2048)
     if max_pos > MAX_POSITIONS:
         raise ValueError(f"{path}: field 'max_position_embeddings' is {max_pos}, beyond any real model's context "
@@ -375,11 +378,40 @@ def save_hf_checkpoint(sd: dict, config: dict, path, max_shard_bytes: int, extra
     tmp = path.with_name(path.name + ".tmp")
     try:
         _write_hf_checkpoint(sd, config, tmp, max_shard_bytes, extra_files)
-    except OSError as e:  # a full disk or a read-only directory: the old checkpoint at `path` is untouched
+    except Exception as e:  # a full disk, a file-size limit, a read-only directory: `path` is untouched
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(e.errno, f"could not write {path}: {e.strerror or e} ({e.filename or tmp}); "
-                               f"anything already at {path} is untouched") from None
+        errno, why = os_error_of(e)
+        if errno is None:
+            raise
+        raise OSError(errno, f"could not write {path}: {why} ({getattr(e, 'filename', None) or tmp}); "
+                             f"anything already at {path} is untouched") from None
     replace_dir(tmp, path)
+
+
+def os_error_of(e: BaseException) -> tuple:
+    """(errno, the OS's own words) of an OSError, or of the I/O error that safetensors' Rust writer puts in its
+    message ("IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })", or "I/O error: File
+    too large (os error 27)"); else (None, "")."""
+    if isinstance(e, OSError):
+        return e.errno, e.strerror or str(e)
+    found = re.search(r'code: (\d+), kind: \w+, message: "([^"]*)"', str(e))
+    if found:
+        return int(found.group(1)), found.group(2)
+    found = re.search(r"(?:I/O error: )?([^:]+) \(os error (\d+)\)", str(e))  # "I/O error: File too large (os error 27)"
+    return (int(found.group(2)), found.group(1).strip()) if found else (None, "")
+
+
+def file_mode() -> int:
+    """The mode Python's own writes give a new file: 0o666 less the umask (read from /proc, since os.umask would
+    change it for a moment). safetensors writes its files 0600."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o644
+
 
 
 def _write_hf_checkpoint(sd: dict, config: dict, tmp: Path, max_shard_bytes: int, extra_files: dict | None):
@@ -412,6 +444,8 @@ def _write_hf_checkpoint(sd: dict, config: dict, tmp: Path, max_shard_bytes: int
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text, encoding="utf-8")
+    for f in tmp.glob("*.safetensors"):  # readable by whoever can read the other files (safetensors writes 0600)
+        os.chmod(f, file_mode())
 
 
 def replace_dir(tmp: Path, path: Path):
@@ -558,8 +592,8 @@ def _id_list(value, where: str) -> list[int]:
     if value is None:
         return []
     vals = value if isinstance(value, list) else [value]
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
-        raise DataError(f"{where}: expected an int or a list of ints, got {value!r}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in vals):
+        raise DataError(f"{where}: expected a token id (an int >= 0) or a list of them, got {value!r}")
     return vals
 
 
@@ -838,7 +872,11 @@ class Tokenizer:
         id (the "\\n" a template writes after <|im_end|> belongs to the next turn's layout)."""
         assert max_len >= 1
         if not self.chat:  # plain format: the prompt ends in "assistant:", the answer follows after one space
-            return (self.encode(" " + text) + [self.eos_id])[:max_len]
+            ids = self.encode(" " + text)
+            if not self.decode(ids).strip():
+                raise DataError(f"the response {text[:60]!r} holds no text once tokenized (only special tokens): an "
+                                f"empty answer, which is refused like an empty string")
+            return (ids + [self.eos_id])[:max_len]
         prompt = self.render(messages, add_generation_prompt=True)
         full = self.render(list(messages) + [{"role": "assistant", "content": text}], add_generation_prompt=False)
         if full.startswith(prompt):
@@ -852,8 +890,15 @@ class Tokenizer:
             ids = self.encode(text + self._turn_tail)
         stop = set(self.stop_ids)
         end = next((k for k, i in enumerate(ids) if i in stop), None)
+        if not self.decode(ids[:end]).strip():
+            raise DataError(f"the response {text[:60]!r} holds no text once tokenized (only special tokens before its "
+                            f"end of turn): an empty answer, which is refused like an empty string")
         ids = ids[:end + 1] if end is not None else ids + [self.eos_id]
         return ids[:max_len]
+
+    def special_texts(self) -> list[str]:
+        """The texts the tokenizer reads as special tokens wherever they appear ("<|eot_id|>", "</s>", ...)."""
+        return sorted(t.content for t in self.tk.get_added_tokens_decoder().values() if t.special and t.content)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:

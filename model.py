@@ -308,7 +308,11 @@ def sample_next(logits, temperature: float, top_k: int, top_p: float, generator=
     """logits (B, V) -> next token ids (B,). temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    scaled = logits.float() / temperature
+    # a temperature near 0 overflows the division: the same distribution from logits shifted to a max of 0 first
+    # (the plain division where it is finite, so ordinary temperatures sample exactly as they always did)
+    shifted = (logits.float() - logits.float().amax(-1, keepdim=True)) / temperature
+    logits = torch.where(torch.isfinite(scaled).all(-1, keepdim=True), scaled, shifted)
     if 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

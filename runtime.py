@@ -313,8 +313,25 @@ def save_checkpoint(run_dir: Path, step: int, models: dict, optims: dict, scheds
         # OSError of a failing rank in a CheckpointException, a BaseException): say where and why
         shutil.rmtree(tmp, ignore_errors=True)
         why = f"{e.strerror or e} ({e.filename or tmp})" if isinstance(e, OSError) else dcp_cause(e)
+        free, need = shutil.disk_usage(ckpt_dir).free, checkpoint_bytes(models, optims)
+        # torch's file writer reports a write cut short as a bare "unexpected pos N vs M": say what it means
+        if not isinstance(e, OSError) and free < need:
+            why = (f"No space left on device ({free / 2**20:.0f} MiB free, the checkpoint needs about "
+                   f"{need / 2**20:.0f} MiB; the writer said: {why})")
+        elif "unexpected pos" in why:
+            why = (f"a write was cut short: a file-size limit (ulimit -f) or a full disk (the writer said: {why})")
         raise UserError(f"could not write checkpoint {final}: {why}; the previous checkpoint is untouched") from None
     barrier()
+
+
+def checkpoint_bytes(models: dict, optims: dict) -> int:
+    """About the bytes a checkpoint of these models and optimizers takes on disk (this rank's shards)."""
+    def nbytes(t):
+        return (t.to_local() if hasattr(t, "to_local") else t).numel() * t.element_size()
+
+    params = sum(nbytes(p) for m in models.values() for p in m.parameters())
+    states = sum(nbytes(v) for o in optims.values() for st in o.state.values() for v in st.values() if torch.is_tensor(v))
+    return params + states
 
 
 def dcp_cause(e) -> str:
@@ -350,10 +367,23 @@ def load_checkpoint(path: Path, models: dict, optims: dict, scheds: dict) -> int
     rng = path / f"rng_rank{D.rank}.safetensors"
     if rng.is_file():  # absent when the checkpoint was written by a different number of processes
         load_rng(rng)
-    meta = json.loads((path / "meta.json").read_text())
+    meta = read_meta(path)
     for name, sched in scheds.items():
         sched.load_state_dict(meta["schedulers"][name])
     return meta["step"]
+
+
+def read_meta(ckpt: Path) -> dict:
+    """A checkpoint's meta.json: the step (an int >= 1) and a scheduler state per trained model."""
+    try:
+        meta = json.loads((ckpt / "meta.json").read_text())
+        ok = (isinstance(meta, dict) and isinstance(meta.get("step"), int) and not isinstance(meta["step"], bool)
+              and meta["step"] >= 1 and isinstance(meta.get("schedulers"), dict))
+        if not ok:
+            raise ValueError(f"expected {{'step': an int >= 1, 'schedulers': {{...}}}}, got {str(meta)[:120]}")
+    except (OSError, ValueError, RecursionError) as e:
+        raise UserError(f"{ckpt / 'meta.json'}: {e}; the checkpoint is damaged") from None
+    return meta
 
 
 def save_rng(path: Path):
@@ -470,7 +500,7 @@ def describe_tokenizer(model: Llama, tok: Tokenizer | None, path: str):
             resize_vocab(model, tok.vocab_size)
         model.args.added_tokens = [*model.args.added_tokens, *tok.added_tokens]
     specials = {"bos": tok.bos_id, "pad": tok.pad_id, **{f"stop {i}": i for i in tok.stop_ids}}
-    too_big = {k: i for k, i in specials.items() if i is not None and i >= model.args.vocab_size}
+    too_big = {k: i for k, i in specials.items() if i is not None and not 0 <= i < model.args.vocab_size}
     if too_big:
         raise UserError(f"{path or 'new model'}: tokenizer ids {too_big} do not fit the model's vocab_size "
                         f"{model.args.vocab_size}: is the tokenizer from another model?")
@@ -607,7 +637,7 @@ def check_outputs(step, models: dict):
         was_training = m.training
         m.eval()
         with torch.no_grad():
-            flags[f"{name} outputs"] = torch.isfinite(m(ids)).all()
+            flags[f"{name} outputs"] = finite_flag(bool(torch.isfinite(m(ids)).all()))
         m.train(was_training)
     check_finite(step, flags)
 
@@ -615,10 +645,14 @@ def check_outputs(step, models: dict):
 def check_weights(step, models: dict):
     """Before a checkpoint or an export: every weight finite (a finite gradient times a huge learning rate can still
     overflow a weight). Each rank checks its shards; the flags are all-reduced."""
-    check_finite(step, {f"{name} weights": torch.tensor([bool(torch.isfinite(p.to_local() if hasattr(p, "to_local")
-                                                                             else p).all())
-                                                         for p in m.parameters()]).all()
+    check_finite(step, {f"{name} weights": finite_flag(all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local")
+                                                                                else p).all()) for p in m.parameters()))
                         for name, m in models.items()})
+
+
+def finite_flag(ok: bool) -> torch.Tensor:
+    """A yes/no check as the value check_finite tests (a bool tensor is always "finite")."""
+    return torch.tensor(0.0 if ok else float("nan"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -653,7 +687,13 @@ def check_range(cfg):
 
 def check_resume_config(cfg, ckpt: Path):
     """Refuse --resume when a field that changes the run's meaning differs from the checkpoint's train_config.json."""
-    saved = json.loads((ckpt / "train_config.json").read_text())
+    try:
+        saved = json.loads((ckpt / "train_config.json").read_text())
+        if not isinstance(saved, dict):
+            raise ValueError(f"expected a JSON object, got {type(saved).__name__}")
+    except (OSError, ValueError, RecursionError) as e:
+        raise UserError(f"{ckpt / 'train_config.json'}: {e.__class__.__name__}: {e}; the checkpoint to resume is "
+                        f"damaged") from None
     now = json.loads(config_json(cfg))
     changed = sorted(k for k in set(saved) | set(now) if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k))
     if changed:
@@ -777,6 +817,16 @@ def release_locks(ok: bool):
 CHECKPOINT_INPUTS = ("model", "policy", "dpo", "rm", "critic", "tokenizer")  # config fields naming input checkpoints
 
 
+def take_dir(run_dir: Path):
+    """Rank 0 creates run_dir (removed at exit if the run leaves it empty) and takes its lock (see take_lock)."""
+    if D.main:
+        missing = [p for p in [run_dir, *run_dir.parents] if not p.exists()]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        RUN["created"] += sorted(missing, key=lambda p: len(p.parts))
+        take_lock(run_dir)
+    barrier()
+
+
 def start_run(cfg) -> Path:
     """Check everything that needs no data or weights, then take the run directory: ranges, --out against the input
     checkpoints, --resume against the checkpoint's config, the lock, an export a kill interrupted, a finished final/
@@ -798,11 +848,8 @@ def start_run(cfg) -> Path:
     elif old is not None:  # a fresh run would later --resume into, or overwrite, another run's state
         raise UserError(f"{old} holds a resumable checkpoint: pass --resume to continue that run, "
                         f"or remove {run_dir / 'checkpoints'} (or pick another --out) to start over")
+    take_dir(run_dir)
     if D.main:
-        missing = [p for p in [run_dir, *run_dir.parents] if not p.exists()]
-        run_dir.mkdir(parents=True, exist_ok=True)
-        RUN["created"] += sorted(missing, key=lambda p: len(p.parts))
-        take_lock(run_dir)
         recover_final(run_dir)  # only under the lock: another run may be mid-export
     barrier()
     if not cfg.resume and (run_dir / "final").exists() and not cfg.overwrite:

@@ -32,7 +32,7 @@ import torch
 import train
 from data import read_prompts
 from hf import Tokenizer
-from runtime import D, init_dist, open_model, print0
+from runtime import D, init_dist, open_model, print0, release_locks, take_dir
 
 # two-sided 95% Student-t quantiles for n - 1 degrees of freedom (the interval over n seeds)
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -300,7 +300,14 @@ def main(argv=None) -> dict:
     init_dist(cfg.device)
     if D.world > 1:
         raise SystemExit("sweep.py runs its many small runs one process at a time: start it with python, not torchrun")
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    take_dir(Path(cfg.out))  # one sweep per directory, before anything is written
+    try:
+        return run_sweep(cfg)
+    finally:
+        release_locks(True)
+
+
+def run_sweep(cfg: SweepConfig) -> dict:
     # A rerun reuses finished runs, so a directory must hold one grid: refuse other settings instead of mixing
     # their results into one table (the device may change)
     saved = Path(cfg.out) / "sweep_config.json"

@@ -37,13 +37,14 @@ import ppo as ppo_math
 import reward as rm_math
 import rto
 import hf
-from data import TASKS, DataError, WordTask, collate, load_task, pad_left, read_preferences, read_prompts, read_sft
+from data import (TASKS, DataError, WordTask, collate, load_task, pad_left, read_preferences, read_prompts, read_sft,
+                  row_texts)
 from hf import Tokenizer, train_tokenizer
 from model import Llama, generate
 from runtime import (D, Logger, UserError, all_max, all_sum, barrier, check_finite, check_range, check_slot, close_dist,
                      config_json, export_hf, gathered, init_dist, latest_checkpoint, load_checkpoint, open_model,
                      open_tokenizer, print0, reduce_metrics, release_locks, save_checkpoint, start_run,
-                     write_json, memory_plan, plan_text, measured_memory)
+                     write_json, memory_plan, plan_text, measured_memory, take_dir)
 
 
 def option(default, help: str, range: str | None = None, choices: tuple | None = None):
@@ -233,14 +234,22 @@ def load_tokenizer(cfg: Config) -> Tokenizer:
     return open_tokenizer(src)
 
 
-def encode_rows(rows, encode):
-    """encode(row) for every data row, a template's refusal named with the row's file and line."""
-    out = []
+def encode_rows(rows, encode, tok: Tokenizer):
+    """encode(row) for every data row, a template's refusal named with the row's file and line. Text that spells a
+    special token ("<|eot_id|>" inside a message) becomes that control token, as transformers tokenizes it too:
+    legal, but rarely meant, so the first such row is named in a warning."""
+    out, specials, odd = [], tok.special_texts(), []
     for r in rows:
         try:
             out.append(encode(r))
         except DataError as e:
             raise DataError(f"{r.where}: {e}") from None
+        found = next((t for text in row_texts(r) for t in specials if t in text), None)
+        if found is not None:
+            odd.append((r.where, found))
+    if odd:
+        print0(f"warning: {odd[0][0]}: the text holds {odd[0][1]!r}, which the tokenizer reads as that special token "
+               f"(a control token mid-text; transformers does the same); {len(odd)} of {len(rows)} rows do")
     return out
 
 
@@ -365,17 +374,21 @@ def load_pairs(cfg):
     if not cfg.model:
         raise UserError("give --model (the SFT checkpoint, with tokenizer.json)")
     tok = load_tokenizer(cfg)
+    context = hf.read_config(cfg.model).max_seq_len
     rows = read_preferences(cfg.data)
     pairs = encode_pairs(tok, rows, cfg)
     check_pairs(rows, pairs, cfg.data)
-    eval_pairs = encode_pairs(tok, read_preferences(cfg.eval_data), cfg) if cfg.eval_data else []
+    check_context(rows, pairs, context)
+    eval_rows = read_preferences(cfg.eval_data) if cfg.eval_data else []
+    eval_pairs = encode_pairs(tok, eval_rows, cfg)
+    check_context(eval_rows, eval_pairs, context)  # held-out rows as strictly as training rows (the RM's score std)
     return tok, rows, pairs, eval_pairs
 
 
 def encode_pairs(tok: Tokenizer, rows, cfg: Config):
     return encode_rows(rows, lambda r: (tok.encode_prompt(r.prompt, cfg.max_prompt_len),
                                         tok.encode_response(r.prompt, r.chosen, cfg.max_response_len),
-                                        tok.encode_response(r.prompt, r.rejected, cfg.max_response_len)))
+                                        tok.encode_response(r.prompt, r.rejected, cfg.max_response_len)), tok)
 
 
 def pair_batch(pairs, tok: Tokenizer) -> dict:
@@ -413,7 +426,7 @@ def run_sft(cfg: SFTConfig) -> Path:
     tok = load_tokenizer(cfg)
     rows = read_sft(cfg.data)
     data = encode_rows(rows, lambda r: (tok.encode_prompt(r.prompt, cfg.max_prompt_len),
-                                        tok.encode_response(r.prompt, r.response, cfg.max_response_len)))
+                                        tok.encode_response(r.prompt, r.response, cfg.max_response_len)), tok)
     model = open_model(cfg.model, "lm", cfg, tok)
     check_context(rows, data, model.args.max_seq_len)
     print0(f"{len(data)} SFT examples, model {model.num_params() / 1e6:.2f}M parameters")
@@ -459,7 +472,6 @@ def run_dpo(cfg: DPOConfig) -> Path:
     check_slot(cfg.model, "model", "lm")
     tok, rows, pairs, eval_pairs = load_pairs(cfg)
     model = open_model(cfg.model, "lm", cfg, tok)
-    check_context(rows, pairs, model.args.max_seq_len)
     # The reference is the starting (SFT) model itself: its log-probs are computed once, before the first
     # step, so no frozen copy has to stay in memory. On a resumed run they come from the checkpoint's
     # starting point, which is the same model: --model is still the SFT checkpoint.
@@ -493,7 +505,6 @@ def run_rm(cfg: RMConfig) -> Path:
     check_slot(cfg.model, "model", None)  # a policy (a new head) or a reward model to train further
     tok, rows, pairs, eval_pairs = load_pairs(cfg)
     model = open_model(cfg.model, "score", cfg, tok)
-    check_context(rows, pairs, model.args.max_seq_len)
 
     def loss_fn(idx):
         b = pair_batch([pairs[i] for i in idx], tok)
@@ -791,7 +802,7 @@ def run_ppo(cfg: PPOConfig) -> Path:
     check_ppo_slots(cfg, slots)
     tok = open_tokenizer(cfg.policy)
     prompt_rows = read_prompts(cfg.prompts)
-    prompts = encode_rows(prompt_rows, lambda r: tok.encode_prompt(r.prompt, cfg.max_prompt_len))
+    prompts = encode_rows(prompt_rows, lambda r: tok.encode_prompt(r.prompt, cfg.max_prompt_len), tok)
     gold = load_task(cfg.task, cfg.task_seed).gold_reward if cfg.task else None
     total = ppo_steps(cfg, len(prompts))
 
@@ -1055,6 +1066,7 @@ def run_all(pc: PipelineConfig):
     for algo in pc.algos.split(","):
         if algo not in rto.ALGOS:
             raise UserError(f"--algos: unknown {algo!r}; choose from {', '.join(rto.ALGOS)}")
+    take_dir(out)  # one `all` per directory, before anything is written (its data files included)
     task, data, data_changed = task_data(pc)
     sft_cfg, dpo_cfg, rm_cfg, ppo_cfgs = stage_configs(pc, data, out / "tokenizer")
     t0 = time.perf_counter()

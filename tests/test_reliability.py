@@ -239,6 +239,126 @@ CASES = [
 ]
 
 
+def nested_json(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+def with_meta(ws, name, **change):
+    """A copy of the resumable run whose checkpoint's meta.json is changed, the manifest rewritten to match (the
+    damage a buggy tool or a careless hand can do while keeping the hashes right)."""
+    import runtime
+
+    d = ws / "cases" / name
+    shutil.copytree(ws / "resumable", d)
+    ckpt = train.latest_checkpoint(d)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    (ckpt / "meta.json").write_text(json.dumps({**meta, **change}))
+    runtime.write_manifest(ckpt)
+    return d
+
+
+def with_ckpt_file(ws, name, file, data: bytes):
+    d = ws / "cases" / name
+    shutil.copytree(ws / "resumable", d)
+    (train.latest_checkpoint(d) / file).write_bytes(data)
+    return d
+
+
+def with_run_file(ws, name, file, data: bytes):
+    d = ws / "cases" / name
+    shutil.copytree(ws / "resumable", d)
+    (d / file).write_bytes(data)
+    return d
+
+
+def with_json(ws, src, name, file, **change):
+    d = copy_ckpt(ws, src, name)
+    obj = json.loads((d / file).read_text())
+    (d / file).write_text(json.dumps({**obj, **change}))
+    return d
+
+
+def long_eval_rows(ws):
+    """Held-out preference rows longer than a context of 96 tokens (the training rows fit)."""
+    long = " ".join(["word"] * 200)
+    return data_file(ws, "long_eval.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"},
+                                             {"prompt": "q", "chosen": long, "rejected": "b"}])
+
+
+def rm_args(ws, out, *extra, model=None):
+    return ["rm", "--model", str(model or ws / "sft" / "final"), "--data", str(ws / "prefs.jsonl"), "--out", str(out),
+            "--max_steps", "1", *SMALL, *extra]
+
+
+# The second fault trial's cases (a hostile user: lying checkpoints, hostile data): each one line, nothing changed.
+CASES += [
+    ("config-rope-theta-inf", lambda ws: sft_args(ws, ws / "cases" / "o_rt", model=with_config(
+        ws, ws / "base", "rt_inf", rope_theta=float("inf"))), r"config.json: field 'rope_theta' is inf; expected a finite"),
+    ("config-norm-eps-inf", lambda ws: sft_args(ws, ws / "cases" / "o_eps", model=with_config(
+        ws, ws / "base", "eps_inf", rms_norm_eps=float("inf"))), r"field 'rms_norm_eps' is inf; expected a finite"),
+    ("config-a-hundred-million-layers", lambda ws: sft_args(ws, ws / "cases" / "o_layers", model=with_config(
+        ws, ws / "base", "layers", num_hidden_layers=10**8)),
+     r"layers/config.json: .*B parameters .*num_hidden_layers 100000000.* more than the .* GiB free"),
+    ("config-max-pos-null", lambda ws: sft_args(ws, ws / "cases" / "o_mp0", model=with_config(
+        ws, ws / "base", "mp_null", max_position_embeddings=None)), r"field 'max_position_embeddings' is null"),
+    ("config-max-pos-string", lambda ws: sft_args(ws, ws / "cases" / "o_mps", model=with_config(
+        ws, ws / "base", "mp_str", max_position_embeddings="4k")), r"field 'max_position_embeddings' is '4k'"),
+    ("config-rope-scaling-string", lambda ws: sft_args(ws, ws / "cases" / "o_rs", model=with_config(
+        ws, ws / "base", "rs_str", rope_scaling="llama3")), r"field 'rope_scaling' is 'llama3'; expected an object"),
+    ("config-model-type-list", lambda ws: sft_args(ws, ws / "cases" / "o_mt", model=with_config(
+        ws, ws / "base", "mt_list", model_type=["llama"])), r"field 'model_type' is \['llama'\]"),
+    ("config-negative-kv-heads", lambda ws: sft_args(ws, ws / "cases" / "o_kv", model=with_config(
+        ws, ws / "base", "kv_neg", num_key_value_heads=-1)), r"field 'num_key_value_heads' is -1"),
+    ("config-negative-head-dim", lambda ws: sft_args(ws, ws / "cases" / "o_hd", model=with_config(
+        ws, ws / "base", "hd_neg", head_dim=-16)), r"field 'head_dim' is -16"),
+    ("config-heads-do-not-divide", lambda ws: sft_args(ws, ws / "cases" / "o_div", model=with_config(
+        ws, ws / "base", "heads3", num_key_value_heads=3)), r"heads3/config.json: n_heads 2 is not divisible by n_kv"),
+    ("config-tie-string", lambda ws: sft_args(ws, ws / "cases" / "o_tie", model=with_config(
+        ws, ws / "base", "tie_str", tie_word_embeddings="false")), r"field 'tie_word_embeddings' is 'false'; expected true"),
+    ("config-bias-string", lambda ws: sft_args(ws, ws / "cases" / "o_bias", model=with_config(
+        ws, ws / "base", "bias_str", attention_bias="no")), r"field 'attention_bias' is 'no'; expected true or false"),
+    ("config-pad-beyond-vocab", lambda ws: sft_args(ws, ws / "cases" / "o_pad", model=with_config(
+        ws, ws / "base", "pad_big", pad_token_id=10**6)), r"field 'pad_token_id' is 1000000; expected token ids in \[0, "),
+    ("config-nested-json", lambda ws: sft_args(ws, ws / "cases" / "o_nest", model=with_file(
+        ws, ws / "base", "nested_cfg", "config.json", nested_json(100000))), r"config.json: not valid JSON: RecursionError"),
+    ("rm-score-std-string", lambda ws: ppo_args(ws, ws / "cases" / "o_stds", rm=with_config(
+        ws, ws / "rm" / "final", "rm_std_str", rto_score_std="1.0")), r"field 'rto_score_std' is '1.0'; expected a finite"),
+    ("tokenizer-special-tokens-int", lambda ws: sft_args(ws, ws / "cases" / "o_ast", model=with_json(
+        ws, ws / "base", "ast_int", "tokenizer_config.json", additional_special_tokens=5)),
+     r"field 'additional_special_tokens' is 5; expected a list"),
+    ("generation-config-negative-stop", lambda ws: sft_args(ws, ws / "cases" / "o_neg", model=with_json(
+        ws, ws / "base", "neg_stop", "generation_config.json", eos_token_id=[421, -1])),
+     r"generation_config.json field 'eos_token_id': expected a token id \(an int >= 0\)"),
+    ("data-nested-json", lambda ws: sft_args(ws, ws / "cases" / "o_dnest") + ["--data", str(data_file(
+        ws, "nested.jsonl", [{"prompt": "a", "response": "b"}, b'{"prompt": ' + nested_json(100000) + b"}"]))],
+     r"nested.jsonl:2: invalid JSON: nested deeper than Python can read"),
+    ("data-lone-surrogate", lambda ws: sft_args(ws, ws / "cases" / "o_sur") + ["--data", str(data_file(
+        ws, "surrogate.jsonl", [{"prompt": "a", "response": "b"}, b'{"prompt": "a", "response": "x\\ud800y"}']))],
+     r"surrogate.jsonl:2: key 'response': holds a lone surrogate \('\\ud800' at character 2\)"),
+    ("data-duplicate-key", lambda ws: sft_args(ws, ws / "cases" / "o_dup") + ["--data", str(data_file(
+        ws, "dup.jsonl", [{"prompt": "a", "response": "b"}, b'{"prompt": "a", "response": "b", "prompt": "c"}']))],
+     r"dup.jsonl:2: key 'prompt': appears twice"),
+    ("data-response-only-eos", lambda ws: sft_args(ws, ws / "cases" / "o_eos") + ["--data", str(data_file(
+        ws, "only_eos.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "a", "response": "<|eot_id|>"}]))],
+     r"only_eos.jsonl:2: the response '<\|eot_id\|>' holds no text once tokenized"),
+    ("rm-eval-rows-past-the-context", lambda ws: rm_args(ws, ws / "cases" / "o_ev", "--eval_data",
+                                                         str(long_eval_rows(ws)), model=with_config(
+        ws, ws / "sft" / "final", "sft_ctx", max_position_embeddings=120)),
+     r"long_eval.jsonl:2: prompt \+ response is \d+ tokens, more than the model's context of 120"),
+    ("out-is-the-input", lambda ws: sft_args(ws, ws / "sft" / "final", "--overwrite", model=ws / "sft" / "final"),
+     r"--out .*sft/final holds the input --model"),
+    ("out-holds-the-input", lambda ws: sft_args(ws, ws / "sft", "--overwrite", model=ws / "sft" / "final"),
+     r"--out .*/sft holds the input --model .*sft/final"),
+    ("resume-train-config-damaged", lambda ws: resume_args(ws, "--out", str(with_ckpt_file(
+        ws, "bad_tc", "train_config.json", b'{"lr": '))), r"train_config.json: JSONDecodeError: .*damaged"),
+    ("resume-metrics-damaged", lambda ws: resume_args(ws, "--out", str(with_run_file(
+        ws, "bad_metrics", "metrics.jsonl", b'{"step": 1, "loss": 1.0}\n{"step": "two"}\n'))),
+     r"metrics.jsonl:2: not a metrics row"),
+    ("resume-meta-string-step", lambda ws: resume_args(ws, "--out", str(with_meta(ws, "str_step", step="2"))),
+     r"meta.json: expected \{'step': an int >= 1"),
+]
+
+
 def tree(root: Path) -> dict:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
             for p in sorted(root.rglob("*"))}
@@ -261,7 +381,7 @@ def test_blow_up_mid_run_stops_before_saving(ws):
     """A learning rate that blows the weights up after a few steps: the run stops at the first non-finite loss or
     gradient norm, names it, saves no checkpoint or export from that state, and its metrics file stays valid JSON."""
     out = ws / "cases" / "blowup"
-    with pytest.raises(ValueError, match=r"step (\d+): (loss|grad_norm|model weights).* not finite") as e:
+    with pytest.raises(ValueError, match=r"step (\d+): (loss|grad_norm|model weights|model outputs).* not finite") as e:
         train.main(sft_args(ws, out, "--lr", "1e30", "--max_steps", "6", "--save_every", "1"))
     bad_step = int(re.search(r"step (\d+)", str(e.value)).group(1))
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
@@ -363,3 +483,244 @@ def test_metrics_stay_valid_json_with_a_non_finite_metric(tmp_path):
     log = runtime.Logger(tmp_path, 0, ["x"])
     log.log(1, {"x": float("nan"), "y": 1.0})
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "x": None, "y": 1.0}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hostile chat templates: each a one-line error naming the template and the data line, and never a hang.
+
+HOSTILE_TEMPLATES = {
+    "loops-forever": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+                      r"ran for more than 0.5 s"),
+    "writes-forever": ("{% for i in range(99999) %}{% for j in range(99999) %}{{ 'x' * 50 }}{% endfor %}{% endfor %}",
+                       r"wrote more than \d+ characters"),
+    "recurses": ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", r"failed on this conversation: RecursionError"),
+    "divides-by-zero": ("{{ 1 / 0 }}", r"failed on this conversation: ZeroDivisionError"),
+    "range-too-big": ("{% for i in range(10**9) %}x{% endfor %}", r"OverflowError: Range too big"),
+    "includes-a-file": ("{% include '/etc/passwd' %}", r"failed on this conversation: TypeError: no loader"),
+    # renders the probe conversation, then fails on the data's second row only
+    "fails-on-one-row": ("{% for m in messages %}{% if m['content'] == 'Name a colour.' %}{{ 1 / 0 }}{% endif %}"
+                         "{{ m['role'] }}: {{ m['content'] }}<|eot_id|>{% endfor %}"
+                         "{% if add_generation_prompt %}assistant:{% endif %}", r"sft.jsonl:2: the chat template"),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE_TEMPLATES)
+def test_hostile_chat_templates(ws, monkeypatch, name):
+    import hf
+
+    monkeypatch.setattr(hf, "TEMPLATE_SECONDS", 0.5)
+    template, pattern = HOSTILE_TEMPLATES[name]
+    model = copy_ckpt(ws, ws / "base", f"tpl_{name}")
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": template}))
+    before = tree(ws)
+    with pytest.raises(ValueError, match=pattern) as e:
+        train.main(sft_args(ws, ws / "cases" / f"o_tpl_{name}", model=model))
+    assert "chat template of " in str(e.value) and "tokenizer_config.json chat_template" in str(e.value)
+    assert tree(ws) == before
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One owner per directory: races between runs, and the leftovers of kills and full disks
+
+def _take(out, q):
+    """A child process: try to take the lock on out, report, hold it a moment so the others see it held."""
+    import time
+
+    import runtime
+    try:
+        runtime.take_lock(Path(out))
+        q.put("won")
+        time.sleep(1.0)
+    except ValueError as e:
+        q.put(f"refused: {e}")
+
+
+def test_many_takers_of_one_stale_lock_one_winner(tmp_path):
+    """Eight processes find the same stale run.lock (its process is gone) at once: exactly one takes it over, the
+    other seven are refused naming the winner (the old takeover unlinked whatever lock was there, so several won)."""
+    import multiprocessing as mp
+
+    out = tmp_path / "stale"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / "run.lock").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_take, args=(str(out), q)) for _ in range(8)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    results = [q.get(timeout=5) for _ in procs]
+    assert results.count("won") == 1, results
+    assert all(r.startswith("refused: ") and "is in use by pid" in r for r in results if r != "won"), results
+
+
+def test_two_pipelines_on_one_out(tmp_path):
+    """Two `train.py all` on one --out: the second is refused before it writes anything (its data files included),
+    and the first finishes on its own data."""
+    out = tmp_path / "demo"
+    small = ["all", "--out", str(out), "--n_sft", "128", "--n_pref", "128", "--n_prompts", "64", "--n_eval", "16",
+             "--set", "sft.epochs=1", "--set", "dpo.epochs=1", "--set", "rm.epochs=1", "--set", "ppo.max_steps=2",
+             "--algos", "ppo", "--no-progress"]
+    first = subprocess.Popen([sys.executable, "train.py", *small], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    for _ in range(600):  # wait until the first holds the lock
+        if (out / "run.lock").exists():
+            break
+        import time
+        time.sleep(0.05)
+    data_before = {p.name: p.read_bytes() for p in (out / "data").glob("*.jsonl")} if (out / "data").exists() else {}
+    second = subprocess.run([sys.executable, "train.py", *small, "--seed", "1"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert second.returncode == 2 and "is in use by pid" in second.stderr, second.stderr
+    log, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, log[-2000:]
+    prompts = (out / "data" / "prompts.jsonl").read_text()
+    assert all(data_before.get(p.name, p.read_bytes()) == p.read_bytes() for p in (out / "data").glob("*.jsonl"))
+    assert json.loads((out / "ppo" / "final" / "train_config.json").read_text())["seed"] == 0 and prompts
+
+
+def test_two_sweeps_on_one_out(tmp_path):
+    import sweep
+
+    out = tmp_path / "sweep"
+    out.mkdir()
+    import runtime
+    runtime.take_lock(out)  # a running sweep holds it
+    try:
+        with pytest.raises(ValueError, match="is in use by pid"):
+            sweep.main(["--quick", "--out", str(out)])
+        assert [p.name for p in out.iterdir()] == ["run.lock"]  # the second wrote nothing
+    finally:
+        runtime.release_locks(True)
+
+
+def test_failed_overwrite_keeps_the_finished_runs_records(ws):
+    """--overwrite into a finished run that then blows up mid-run: the finished run's final/, metrics.jsonl and
+    train_config.json are as they were (the new run's records waited beside them, under .next)."""
+    out = ws / "cases" / "overwrite_fail"
+    shutil.copytree(ws / "sft", out)
+    before = {f: (out / f).read_bytes() for f in ("metrics.jsonl", "train_config.json")}
+    final_before = tree(out / "final")
+    with pytest.raises(ValueError, match="not finite"):
+        train.main(sft_args(ws, out, "--overwrite", "--lr", "1e30", "--max_steps", "6"))
+    assert {f: (out / f).read_bytes() for f in before} == before and tree(out / "final") == final_before
+    # and a successful overwrite takes all three over
+    train.main(sft_args(ws, out, "--overwrite"))
+    assert json.loads((out / "train_config.json").read_text())["overwrite"] is True
+    assert not list(out.glob("*.next"))
+
+
+def test_kill_between_the_two_renames_of_an_export(ws, capsys):
+    """final.old + final.tmp and no final/ (a kill between replace_dir's renames): the next run finishes the swap and
+    says so; a lone final.tmp (a kill mid-write) is removed; nothing is lost."""
+    out = ws / "cases" / "killed_swap"
+    shutil.copytree(ws / "sft", out)
+    os.replace(out / "final", out / "final.old")
+    shutil.copytree(out / "final.old", out / "final.tmp")
+    (out / "final.tmp" / "marker").write_text("new")
+    with pytest.raises(ValueError, match="holds a finished run"):  # restored, then refused as finished
+        train.main(sft_args(ws, out))
+    assert "moved into place" in capsys.readouterr().out
+    assert (out / "final" / "marker").exists() and not (out / "final.old").exists() and not (out / "final.tmp").exists()
+    (out / "final.tmp").mkdir()
+    with pytest.raises(ValueError, match="holds a finished run"):
+        train.main(sft_args(ws, out))
+    assert "removed (an export that a kill cut short" in capsys.readouterr().out and not (out / "final.tmp").exists()
+
+
+def test_lock_that_cannot_be_written_leaves_nothing(ws, monkeypatch):
+    import runtime
+
+    out = ws / "cases" / "lock_full"
+
+    def full(*a):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(OSError, match=r"could not write .*run.lock: No space left on device"):
+        train.main(sft_args(ws, out))
+    monkeypatch.undo()
+    assert not out.exists()  # not even the directory: nothing for a later run to trip over
+    runtime.release_locks(True)
+
+
+def test_empty_lock_from_a_full_disk_is_taken_over(ws, capsys):
+    out = ws / "cases" / "empty_lock"
+    out.mkdir(parents=True)
+    (out / "run.lock").write_text("")
+    train.main(sft_args(ws, out))
+    assert (out / "final").is_dir() and not (out / "run.lock").exists()
+
+
+def test_finite_weights_with_overflowing_outputs_are_not_exported(ws):
+    """lr 1e30 for one step: every weight stays finite but the logits overflow; the export is refused."""
+    out = ws / "cases" / "overflow"
+    with pytest.raises(ValueError, match=r"step export: model outputs not finite"):
+        train.main(sft_args(ws, out, "--lr", "1e30", "--max_steps", "1"))
+    assert not (out / "final").exists() and not (out / "final.tmp").exists()
+
+
+def test_safetensors_full_disk_is_the_os_error(ws, monkeypatch):
+    """safetensors' writer reports a full disk inside its own error's text: the message is the OS's words."""
+    import safetensors
+    import safetensors.torch
+
+    out = ws / "cases" / "st_full"
+    shutil.copytree(ws / "sft", out)
+    before = tree(out / "final")
+
+    def full(*a, **kw):
+        raise safetensors.SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                          'message: "No space left on device" })')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError, match=r"could not write .*st_full/final: No space left on device"):
+        train.main(sft_args(ws, out, "--overwrite"))
+    assert tree(out / "final") == before and not (out / "final.tmp").exists()
+
+
+def test_file_size_limit_during_export_and_checkpoint(ws, tmp_path):
+    """A real limit (ulimit -f): the export and the checkpoint each fail in one line that says so, nothing left."""
+    import resource
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))  # the model is 149 KB, the tokenizer 8 KB
+
+    for name, extra, pattern in (("export", [], r"could not write .*final: File too large"),
+                                 ("checkpoint", ["--save_every", "1"], r"could not write checkpoint .*a write was cut "
+                                                                       r"short: a file-size limit|File too large")):
+        out = tmp_path / name
+        p = subprocess.run([sys.executable, "train.py", *sft_args(ws, out, *extra)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120, preexec_fn=limited)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+        assert re.search(pattern, p.stderr), p.stderr
+        assert not (out / "final").exists() and not (out / "final.tmp").exists()
+        assert not list((out / "checkpoints").glob("*.tmp")) if (out / "checkpoints").exists() else True
+
+
+def test_exports_are_readable_by_others(ws):
+    final = ws / "sft" / "final"
+    modes = {p.name: p.stat().st_mode & 0o777 for p in final.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"] == 0o644, modes
+
+
+def test_special_token_text_in_data_is_named(ws, capsys):
+    data = data_file(ws, "special_text.jsonl", [{"prompt": "a", "response": "b"},
+                                                 {"prompt": "say <|eot_id|> please", "response": "b"}] * 2)
+    train.main(sft_args(ws, ws / "cases" / "o_special") + ["--data", str(data)])
+    out = capsys.readouterr().out
+    assert "special_text.jsonl:2: the text holds '<|eot_id|>', which the tokenizer reads as that special token" in out
+    assert "2 of 4 rows do" in out
+
+
+def test_temperature_near_zero_samples_the_argmax(ws, capsys):
+    """`sample --temperature 1e-30`: logits / T overflows; the sampler shifts first and gives the greedy answer."""
+    base = ["sample", "--model", str(ws / "sft" / "final"), "--prompt", "hi", "--max_new_tokens", "6"]
+    train.main(base + ["--temperature", "0"])
+    greedy = capsys.readouterr().out
+    train.main(base + ["--temperature", "1e-30"])
+    assert capsys.readouterr().out == greedy
