@@ -1,8 +1,11 @@
-"""DPO math (Rafailov et al. 2023): sequence log-probs and the preference loss.
+"""DPO math (Rafailov et al. 2023) and the direct preference methods the paper compares RTO with: R-DPO, SimPO,
+TDPO. Each is a small pure function of per-pair tensors (B,); `LOSSES` names what each needs and
+`preference_loss` dispatches, so train.run_dpo computes only those inputs.
 
 Stage 2 of the pipeline (README): DPO on preference pairs, starting from pi_sft with pi_sft as the
 reference, gives pi_dpo, whose log-ratio to pi_ref is RTO's token reward (rto.py).
 """
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -60,3 +63,121 @@ def dpo_loss(pol_chosen, pol_rejected, ref_chosen, ref_rejected, beta: float,
             "margin": (chosen_reward - rejected_reward).mean(),
         }
     return losses.mean(), {k: v.detach() for k, v in metrics.items()}
+
+
+def _metrics(chosen_reward, rejected_reward) -> dict:
+    """The implicit rewards of a batch of pairs, each (B,) -> detached means (as dpo_loss reports them)."""
+    with torch.no_grad():
+        return {"chosen_reward": chosen_reward.mean().detach(), "rejected_reward": rejected_reward.mean().detach(),
+                "accuracy": (chosen_reward > rejected_reward).float().mean().detach(),
+                "margin": (chosen_reward - rejected_reward).mean().detach()}
+
+
+def rdpo_loss(pol_chosen, pol_rejected, ref_chosen, ref_rejected, len_chosen, len_rejected, beta: float = 0.1,
+              alpha: float = 0.05):
+    """R-DPO (Park et al. 2024, "Disentangling Length from Quality in Direct Preference Optimization", eq. 9): DPO
+    on a length-regularised reward r = beta * log(pi / ref) + alpha * |y|, so the Bradley-Terry margin holds
+    alpha * (|y_w| - |y_l|) inside the sigmoid:
+
+        -log sigmoid(beta * h + alpha * (|y_w| - |y_l|)),   h as in dpo_loss
+
+    When the chosen response is the longer one, length already explains part of the preference and the policy's
+    log-ratio margin is pushed less: the verbosity DPO learns from length-biased labels is held back.
+    alpha 0.05 is the small end of the range the SimPO paper tunes R-DPO over (0.05-1.0); lengths in tokens."""
+    if beta <= 0 or alpha < 0:
+        raise ValueError(f"need beta > 0 and alpha >= 0, got beta {beta}, alpha {alpha}")
+    h = (pol_chosen - ref_chosen) - (pol_rejected - ref_rejected)
+    losses = -F.logsigmoid(beta * h + alpha * (len_chosen.float() - len_rejected.float()))
+    return losses.mean(), _metrics(beta * (pol_chosen - ref_chosen), beta * (pol_rejected - ref_rejected))
+
+
+def simpo_loss(pol_chosen, pol_rejected, len_chosen, len_rejected, beta: float = 2.0, gamma: float = 1.0):
+    """SimPO (Meng, Xia, Chen 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward", eq. 6):
+    the reward is the length-normalised log-likelihood beta / |y| * log pi(y | x) (no reference model, no reference
+    log-probs at all), with a target margin gamma:
+
+        -log sigmoid(beta / |y_w| * log pi(y_w) - beta / |y_l| * log pi(y_l) - gamma)
+
+    Defaults beta 2.0, gamma 1.0 (gamma / beta = 0.5), in the range the paper recommends. TRL's CPOTrainer with
+    loss_type="simpo" (cpo_alpha 0) computes the same loss (tests/fixtures/make_trl_fixture.py)."""
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    chosen_reward = beta * pol_chosen / len_chosen.float()
+    rejected_reward = beta * pol_rejected / len_rejected.float()
+    losses = -F.logsigmoid(chosen_reward - rejected_reward - gamma)
+    return losses.mean(), _metrics(chosen_reward, rejected_reward)
+
+
+def sequential_kl(logits_ref, logits_pol, mask):
+    """TDPO's sequential KL: sum over the response tokens of the full-vocabulary KL(pi_ref(. | prefix) ||
+    pi(. | prefix)) = sum_v p_ref(v) (log p_ref(v) - log p(v)). logits (B, T, V) of the same positions (the ones
+    that predict each response token), mask (B, T) -> (B,). In fp32, one row at a time (a (T, V) fp32 copy)."""
+    out = []
+    for ref_row, pol_row, m in zip(logits_ref, logits_pol, mask.bool()):
+        logp_ref = F.log_softmax(ref_row.float(), -1)                          # (T, V)
+        logp_pol = F.log_softmax(pol_row.float(), -1)
+        kl = (logp_ref.exp() * (logp_ref - logp_pol)).sum(-1)                 # (T,)
+        out.append(torch.where(m, kl, torch.zeros_like(kl)).sum())
+    return torch.stack(out)
+
+
+def tdpo_loss(pol_chosen, pol_rejected, ref_chosen, ref_rejected, kl_chosen, kl_rejected, beta: float = 0.1,
+              alpha: float = 0.5, variant: int = 2):
+    """TDPO (Zeng et al. 2024, "Token-level Direct Preference Optimization", eqs. 19-20): DPO with the difference of
+    the two responses' sequential KL divergences (sequential_kl, KL(pi_ref || pi) summed over tokens) subtracted:
+
+        TDPO1: -log sigmoid(beta * (h - (KL_l - KL_w)))
+        TDPO2: -log sigmoid(beta * (h - alpha * (KL_l - sg(KL_w))))      sg: stop-gradient on the chosen KL
+
+    h as in dpo_loss. The implicit rewards reported are beta * (log-ratio + sequential KL), as the authors' code
+    logs them. Defaults beta 0.1, alpha 0.5 (the paper's)."""
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if variant not in (1, 2):
+        raise ValueError(f"TDPO variant is 1 or 2, got {variant}")
+    h = (pol_chosen - ref_chosen) - (pol_rejected - ref_rejected)
+    delta = kl_rejected - kl_chosen if variant == 1 else alpha * (kl_rejected - kl_chosen.detach())
+    losses = -F.logsigmoid(beta * (h - delta))
+    return losses.mean(), _metrics(beta * (pol_chosen - ref_chosen + kl_chosen),
+                                   beta * (pol_rejected - ref_rejected + kl_rejected))
+
+
+@dataclass(frozen=True)
+class Loss:
+    """One row of train.py's --loss_type: the inputs it needs beyond the policy's summed log-probs (the reference's
+    summed log-probs, response lengths, the sequential KL against the reference), and whether its log-ratio to the
+    reference is an implicit reward RTO can use as a token reward."""
+    ref: bool
+    lengths: bool
+    kl: bool
+    token_reward: bool
+
+
+LOSSES = {
+    "sigmoid": Loss(ref=True, lengths=False, kl=False, token_reward=True),   # DPO (+ cDPO with label smoothing)
+    "ipo": Loss(ref=True, lengths=False, kl=False, token_reward=True),
+    "rdpo": Loss(ref=True, lengths=True, kl=False, token_reward=True),
+    "simpo": Loss(ref=False, lengths=True, kl=False, token_reward=False),    # no reference: no implicit log-ratio
+    "tdpo1": Loss(ref=True, lengths=False, kl=True, token_reward=True),
+    "tdpo2": Loss(ref=True, lengths=False, kl=True, token_reward=True),
+}
+
+
+def preference_loss(loss_type: str, x: dict, hp: dict):
+    """The loss of one batch of pairs. x: pol_chosen, pol_rejected (B,) and, as LOSSES says, ref_chosen/ref_rejected,
+    len_chosen/len_rejected, kl_chosen/kl_rejected. hp: beta, label_smoothing, rdpo_alpha, simpo_gamma, tdpo_alpha.
+    Returns (loss, metrics) as dpo_loss does."""
+    pc, pr = x["pol_chosen"], x["pol_rejected"]
+    if loss_type in ("sigmoid", "ipo"):
+        return dpo_loss(pc, pr, x["ref_chosen"], x["ref_rejected"], hp["beta"], hp["label_smoothing"], loss_type)
+    if hp["label_smoothing"] != 0.0:
+        raise ValueError(f"label_smoothing applies to loss_type='sigmoid' only, not {loss_type!r}")
+    if loss_type == "rdpo":
+        return rdpo_loss(pc, pr, x["ref_chosen"], x["ref_rejected"], x["len_chosen"], x["len_rejected"], hp["beta"],
+                         hp["rdpo_alpha"])
+    if loss_type == "simpo":
+        return simpo_loss(pc, pr, x["len_chosen"], x["len_rejected"], hp["beta"], hp["simpo_gamma"])
+    if loss_type in ("tdpo1", "tdpo2"):
+        return tdpo_loss(pc, pr, x["ref_chosen"], x["ref_rejected"], x["kl_chosen"], x["kl_rejected"], hp["beta"],
+                         hp["tdpo_alpha"], int(loss_type[-1]))
+    raise ValueError(f"unknown loss_type {loss_type!r}: choose one of {', '.join(LOSSES)}")

@@ -667,6 +667,10 @@ class Tokenizer:
         else:
             self.tokens = {k: _token_content(config.get(k), f"{source}: tokenizer_config.json field '{k}'")
                            for k in SPECIAL_KEYS}
+            for key, kind in (("added_tokens_decoder", dict), ("additional_special_tokens", list)):
+                if config.get(key) is not None and not isinstance(config[key], kind):
+                    raise DataError(f"{source}/tokenizer_config.json: field '{key}' is {str(config[key])[:60]}; "
+                                    f"expected a {'JSON object' if kind is dict else 'list of tokens'}")
         ids = {}
         for key, text in self.tokens.items():
             if text is not None:

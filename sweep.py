@@ -3,11 +3,14 @@
     python sweep.py --quick                 # a reduced grid into runs/sweep_quick, under 5 minutes on 2 CPU cores
     python sweep.py                         # the full grid (5 seeds), about an hour on 2 CPU cores
     python sweep.py --out runs/sweep        # rerun: finished runs are kept, a half-finished one is redone
+    python sweep.py --estimators gae,rloo,grpo,rloo-token   # also without a critic (the README's table)
 
 Per seed it trains the shared SFT, DPO and reward model once (train.py's stages, on the built-in "credit" task:
 responses of 24-48 words whose gold reward is a sum of context-dependent per-word terms; data.TASKS), then runs
 PPO with every algorithm (ppo, rto, semi-rto, dpo-only) at 1/8, 1/4, 1/2 and all of the prompt budget (one epoch
-over that many prompts: fewer prompts, fewer rollouts), and RTO's beta1 / clip ablation at the full budget. Each
+over that many prompts: fewer prompts, fewer rollouts), RTO's beta1 / clip ablation at the full budget, and with
+--estimators the critic-free advantage estimators (rloo, grpo, rloo-token: --samples_per_prompt responses to each
+prompt, no critic) for every algorithm at the full budget, the same number of rollouts and responses. Each
 policy answers the held-out prompts once; its gold reward, win rate against SFT, KL to SFT, length and EOS rate go
 into <out>/results.md with the mean and a 95% interval over seeds, beside where each PPO iteration's time goes.
 It also measures the paper's core assumption: the correlation between the DPO token reward log(pi_dpo / pi_ref)
@@ -54,6 +57,7 @@ class SweepConfig:
     n_eval: int = 128  # held-out prompts and pairs
     sft_epochs: int = 3
     pref_epochs: int = 2
+    offline: str = "r-dpo,simpo,tdpo"  # the paper's other direct preference methods (train.OFFLINE), once per seed
     estimators: str = "gae"  # advantage estimators (ppo.ESTIMATORS); beyond gae each runs --algos at the full budget
     samples_per_prompt: int = 4  # responses per prompt for the critic-free estimators (a rollout keeps batch_size
     # responses, so they see batch_size / samples_per_prompt prompts per rollout, the same number of samples)
@@ -121,6 +125,11 @@ def run_seed(cfg: SweepConfig, seed: int) -> dict:
         return {k: np.array(v) for k, v in json.loads(path.read_text()).items()}
 
     base = {"sft": judge(sft, "sft"), "dpo": judge(dpo, "dpo")}
+    for name in filter(None, cfg.offline.split(",")):  # DPO runs with another loss, on the same pairs, from the same SFT
+        offline_cfg = dataclasses.replace(dpo_cfg, out=str(d / name), **train.OFFLINE[name])
+        if not finished(Path(offline_cfg.out), "final/config.json"):
+            train.run_dpo(offline_cfg)
+        base[name] = judge(Path(offline_cfg.out) / "final", name)
     results = {}
     all_prompts = data["prompts"].read_text().splitlines(keepends=True)
     for v in variants(cfg):
@@ -145,11 +154,15 @@ def run_seed(cfg: SweepConfig, seed: int) -> dict:
                    **{k: float(np.mean([s[k] for s in steps])) for k in ("time_gen_s", "time_score_s", "time_update_s")}}
             (run_dir / "result.json").write_text(json.dumps(res))
         results[v["name"]] = json.loads((run_dir / "result.json").read_text())
-    for name in ("sft", "dpo"):
+    for name in base:
         diff = base[name]["gold"] - base["sft"]["gold"]
         results[name] = {"name": name, "gold": float(base[name]["gold"].mean()), "kl": float(base[name]["kl"].mean()),
                          "len": float(base[name]["len"].mean()), "eos": float(base[name]["eos"].mean()),
                          "win_vs_sft": float(((diff > 0) + 0.5 * (diff == 0)).mean())}
+    for name in results:  # AlpacaEval 2's length-controlled win rate against SFT, the gold reward as the judge
+        ev = base.get(name) or judge(None, name)
+        results[name]["lc_win_vs_sft"] = train.length_controlled_win_rate(ev["gold"] - base["sft"]["gold"],
+                                                                          ev["len"] - base["sft"]["len"])
     results["correlation"] = correlation(d, task, tok, sft, dpo, ref, rows, judging)
     results["rm_accuracy"] = json.loads((Path(rm_cfg.out) / "eval.json").read_text())["eval_accuracy"]
     return results
@@ -192,11 +205,11 @@ def interval(xs) -> tuple[float, float]:
 
 
 def table(cfg: SweepConfig, per_seed: list[dict]) -> str:
-    names = ["sft", "dpo"] + [v["name"] for v in variants(cfg)]
+    names = ["sft", "dpo", *filter(None, cfg.offline.split(","))] + [v["name"] for v in variants(cfg)]
     lines = [f"Task `{cfg.task}`, {len(per_seed)} seeds, {cfg.ppo_steps} rollouts of {cfg.batch_size} prompts at the "
              f"full budget; mean and 95% interval over seeds.", "",
-             "| policy | prompt budget | gold reward | win rate vs SFT | KL to SFT | length | EOS rate | "
-             "s/iteration: generate / score / update |", "|---|---|---|---|---|---|---|---|"]
+             "| policy | prompt budget | gold reward | win rate vs SFT | LC win rate vs SFT | KL to SFT | length | "
+             "EOS rate | s/iteration: generate / score / update |", "|---|---|---|---|---|---|---|---|---|"]
     for name in names:
         rs = [s[name] for s in per_seed]
         g, gi = interval([r["gold"] for r in rs])
@@ -205,7 +218,8 @@ def table(cfg: SweepConfig, per_seed: list[dict]) -> str:
         budget = f"{rs[0]['budget']:g} ({rs[0]['rollouts']} prompts)" if "budget" in rs[0] else "-"
         times = (" / ".join(f"{np.mean([r[t] for r in rs]):.2f}" for t in ("time_gen_s", "time_score_s", "time_update_s"))
                  if "time_gen_s" in rs[0] else "-")
-        lines.append(f"| {name} | {budget} | {g:.2f} ± {gi:.2f} | {w:.2f} ± {wi:.2f} | {k:.2f} | "
+        lc, lci = interval([r["lc_win_vs_sft"] for r in rs])
+        lines.append(f"| {name} | {budget} | {g:.2f} ± {gi:.2f} | {w:.2f} ± {wi:.2f} | {lc:.2f} ± {lci:.2f} | {k:.2f} | "
                      f"{np.mean([r['len'] for r in rs]):.1f} | {np.mean([r['eos'] for r in rs]):.2f} | {times} |")
     # Paired by seed (the same SFT, DPO model and RM): each algorithm minus PPO at the same budget. The seeds'
     # own spread (their SFT models differ) cancels, so these intervals are the ones to read for "beats PPO".
@@ -218,6 +232,11 @@ def table(cfg: SweepConfig, per_seed: list[dict]) -> str:
             m, h = interval([s[f"{algo}_b{b}"]["gold"] - s[f"ppo_b{b}"]["gold"] for s in per_seed])
             cells.append(f"{m:+.2f} ± {h:.2f}")
         lines.append(f"| {algo} | " + " | ".join(cells) + " |")
+    full = cfg.budgets.split(",")[-1]
+    for name in ["dpo", *filter(None, cfg.offline.split(","))]:  # offline: no prompt budget, against PPO's full one
+        m, h = interval([s[name]["gold"] - s[f"ppo_b{full}"]["gold"] for s in per_seed])
+        lines.append(f"| {name} (offline) | " + " | ".join(["-"] * (len(cfg.budgets.split(",")) - 1))
+                     + f"{' | ' if len(cfg.budgets.split(',')) > 1 else ''}{m:+.2f} ± {h:.2f} |")
     others = [e for e in cfg.estimators.split(",") if e != "gae"]
     if others and "ppo" in cfg.algos.split(","):
         # the same question without a critic: does the dense reward still beat the sparse one?
@@ -311,12 +330,15 @@ def run_sweep(cfg: SweepConfig) -> dict:
     # A rerun reuses finished runs, so a directory must hold one grid: refuse other settings instead of mixing
     # their results into one table (the device may change)
     saved = Path(cfg.out) / "sweep_config.json"
-    now = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "device"}
-    if saved.exists() and json.loads(saved.read_text()) != now:
+    # (the device may change, and fields that only add rows: a grid with more estimators or offline methods keeps
+    # every run it had)
+    adds = ("device", "estimators", "offline")
+    now = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in adds}
+    if saved.exists() and {k: v for k, v in json.loads(saved.read_text()).items() if k not in adds} != now:
         old = json.loads(saved.read_text())
         diff = ", ".join(f"{k}: {old.get(k)!r} -> {now.get(k)!r}" for k in sorted(now) if old.get(k) != now.get(k))
         raise SystemExit(f"{cfg.out} holds a sweep run with other settings ({diff}): give another --out")
-    saved.write_text(json.dumps(now, indent=2) + "\n")
+    saved.write_text(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k != "device"}, indent=2) + "\n")
     print0("== SweepConfig\n" + json.dumps(dataclasses.asdict(cfg), indent=2))
     t0 = time.perf_counter()
     per_seed = [run_seed(cfg, s) for s in range(cfg.seeds)]

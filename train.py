@@ -162,9 +162,15 @@ class PairsConfig(Config):
 class DPOConfig(PairsConfig):
     out: str = option("runs/dpo", "run directory")
     lr: float = option(5e-7, "peak learning rate", POS)
-    beta: float = option(0.1, "DPO beta: strength of the KL anchor to the reference (the SFT model)", POS)
+    loss_type: str = option("sigmoid", "the preference loss, a row of dpo.LOSSES: sigmoid (DPO) | ipo | rdpo (R-DPO) | "
+                                       "simpo (SimPO: no reference) | tdpo1 | tdpo2 (TDPO)",
+                            choices=tuple(dpo_math.LOSSES))
+    beta: float = option(0.1, "DPO beta: strength of the KL anchor to the reference (the SFT model); SimPO's reward "
+                              "scale (its paper: 2.0-2.5)", POS)
     label_smoothing: float = option(0.0, "conservative DPO: assumed fraction of flipped labels (0 = plain DPO)", "[0, 0.5)")
-    loss_type: str = option("sigmoid", "sigmoid (DPO) | ipo", choices=("sigmoid", "ipo"))
+    rdpo_alpha: float = option(0.05, "rdpo: weight of the length margin alpha * (|y_w| - |y_l|), in tokens", NONNEG)
+    simpo_gamma: float = option(1.0, "simpo: target reward margin gamma (its paper: gamma / beta about 0.5)", NONNEG)
+    tdpo_alpha: float = option(0.5, "tdpo2: weight of the sequential-KL difference (its paper: 0.5)", NONNEG)
 
 
 @dataclass
@@ -467,35 +473,81 @@ def scores(model):
     return lambda b: rm_math.gather_last(model(b["input_ids"], b["attention_mask"]).float(), b["attention_mask"])
 
 
+def pair_logps_and_kl(model, ref_model, b: dict):
+    """The policy's summed response log-probs (2k,) of a pair batch and, with a reference model (TDPO), each row's
+    sequential KL(pi_ref || pi) over the full vocabulary (2k,), from the reference's logits of this micro-batch
+    only (never a (B, T, V) cache of the data set)."""
+    if ref_model is None:
+        return summed_logps(model)(b), None
+    P = b["prompt_len"]
+    logits = model(b["input_ids"], b["attention_mask"])[:, P - 1:-1]
+    logp = ppo_math.logprobs_from_logits(logits, b["input_ids"][:, P:])
+    with torch.no_grad():
+        ref_logits = ref_model(b["input_ids"], b["attention_mask"])[:, P - 1:-1]
+    return (dpo_math.sequence_logps(logp, b["response_mask"]),
+            dpo_math.sequential_kl(ref_logits, logits, b["response_mask"]))
+
+
+def pair_inputs(pol, kl, ref, lengths) -> dict:
+    """preference_loss's inputs for k pairs from the (2k,) [chosen; rejected] values and the (k, 2) tables."""
+    k = pol.shape[0] // 2
+    x = {"pol_chosen": pol[:k], "pol_rejected": pol[k:], "len_chosen": lengths[:, 0], "len_rejected": lengths[:, 1]}
+    if ref is not None:
+        x.update(ref_chosen=ref[:, 0].to(pol.dtype), ref_rejected=ref[:, 1].to(pol.dtype))
+    if kl is not None:
+        x.update(kl_chosen=kl[:k], kl_rejected=kl[k:])
+    return x
+
+
 def run_dpo(cfg: DPOConfig) -> Path:
     run_dir = start_run(cfg)
     check_slot(cfg.model, "model", "lm")
     tok, rows, pairs, eval_pairs = load_pairs(cfg)
+    needs = dpo_math.LOSSES[cfg.loss_type]
     model = open_model(cfg.model, "lm", cfg, tok)
     # The reference is the starting (SFT) model itself: its log-probs are computed once, before the first
     # step, so no frozen copy has to stay in memory. On a resumed run they come from the checkpoint's
-    # starting point, which is the same model: --model is still the SFT checkpoint.
+    # starting point, which is the same model: --model is still the SFT checkpoint. TDPO also needs the reference's
+    # whole distribution at every token while training: only then it stays loaded (frozen, bf16 under --bf16).
+    # SimPO has no reference at all.
+    ref_model = open_model(cfg.model, "lm", cfg, tok, frozen=True) if needs.kl else None
+    if ref_model is not None:  # what TDPO costs beyond DPO, printed like the PPO memory plan
+        a, width = ref_model.args, 2 if cfg.bf16 else 4
+        logits = 2 * cfg.micro_batch_size * (cfg.max_prompt_len + cfg.max_response_len) * a.vocab_size * width
+        print0(f"{cfg.loss_type}: the reference stays loaded, {a.num_params() * width / D.world / 2**30:.2f} GiB of "
+               f"frozen weights per rank, plus one micro-batch of its logits at a time ({logits / 2**30:.2f} GiB)")
     model.eval()
-    ref = pair_values(summed_logps(model), pairs, tok, cfg.micro_batch_size)
-    ref_eval = pair_values(summed_logps(model), eval_pairs, tok, cfg.micro_batch_size) if eval_pairs else None
-    print0(f"{len(pairs)} preference pairs; reference log-probs computed")
+    ref = pair_values(summed_logps(model), pairs, tok, cfg.micro_batch_size) if needs.ref else None
+    ref_eval = (pair_values(summed_logps(model), eval_pairs, tok, cfg.micro_batch_size)
+                if needs.ref and eval_pairs else None)
+    hp = {"beta": cfg.beta, "label_smoothing": cfg.label_smoothing, "rdpo_alpha": cfg.rdpo_alpha,
+          "simpo_gamma": cfg.simpo_gamma, "tdpo_alpha": cfg.tdpo_alpha}
+    print0(f"{len(pairs)} preference pairs; loss {cfg.loss_type}" + ("; reference log-probs computed" if needs.ref
+                                                                     else " (reference-free)"))
 
     def loss_fn(idx):
         b = pair_batch([pairs[i] for i in idx], tok)
-        s, k = summed_logps(model)(b), len(idx)
-        loss, m = dpo_math.dpo_loss(s[:k], s[k:], ref[idx, 0].float(), ref[idx, 1].float(), cfg.beta,
-                                    cfg.label_smoothing, cfg.loss_type)
-        return loss * k, {key: v * k for key, v in m.items()}, int(b["attention_mask"].sum())
+        pol, kl = pair_logps_and_kl(model, ref_model, b)
+        lengths = b["response_mask"].sum(-1).view(2, -1).T  # (k, 2) response tokens, EOS included
+        loss, m = dpo_math.preference_loss(cfg.loss_type, pair_inputs(pol, kl, ref[idx] if ref is not None else None,
+                                                                      lengths), hp)
+        return loss * len(idx), {key: v * len(idx) for key, v in m.items()}, int(b["attention_mask"].sum())
 
     fit(cfg, run_dir, model, len(pairs), lambda i: 1, loss_fn,
         ["loss", "accuracy", "chosen_reward", "rejected_reward", "margin", "grad_norm", "tokens_per_s"])
-    if eval_pairs:
+    if eval_pairs:  # the implicit reward of the loss itself on held-out pairs: how often it ranks them right
         model.eval()
         pol = pair_values(summed_logps(model), eval_pairs, tok, cfg.micro_batch_size)
-        margin = (pol[:, 0] - ref_eval[:, 0]) - (pol[:, 1] - ref_eval[:, 1])
-        result = {"eval_accuracy": (margin > 0).double().mean().item(), "eval_margin": cfg.beta * margin.mean().item()}
-        print0(f"DPO held-out implicit-reward accuracy {result['eval_accuracy']:.3f}")
+        kl = (pair_values(lambda b: pair_logps_and_kl(model, ref_model, b)[1], eval_pairs, tok, cfg.micro_batch_size)
+              if needs.kl else None)
+        lengths = torch.tensor([[len(c), len(r)] for _, c, r in eval_pairs], device=pol.device)
+        x = pair_inputs(torch.cat([pol[:, 0], pol[:, 1]]), None if kl is None else torch.cat([kl[:, 0], kl[:, 1]]),
+                        ref_eval, lengths)
+        _, m = dpo_math.preference_loss(cfg.loss_type, x, hp)
+        result = {"eval_accuracy": m["accuracy"].item(), "eval_margin": m["margin"].item()}
+        print0(f"DPO ({cfg.loss_type}) held-out implicit-reward accuracy {result['eval_accuracy']:.3f}")
         write_json(run_dir / "eval.json", result)
+    del ref_model
     export_hf(model, tok, run_dir / "final", cfg)
     return run_dir / "final"
 
@@ -784,9 +836,21 @@ def check_ppo_slots(cfg: PPOConfig, slots: dict):
             check_slot(getattr(cfg, flag), flag, want, policy=cfg.policy)
     dpo_cfg = Path(cfg.dpo) / "train_config.json"
     if "dpo" in slots and dpo_cfg.is_file():
+        check_implicit_reward(cfg.dpo)
         dpo_ref = json.loads(dpo_cfg.read_text()).get("model")
         if dpo_ref is not None and Path(dpo_ref).resolve() != Path(cfg.policy).resolve():
             print0(f"warning: {cfg.dpo} was trained from {dpo_ref}, but --policy (pi_ref) is {cfg.policy}")
+
+
+def check_implicit_reward(dpo_dir: str):
+    """RTO's DPO term is log(pi_dpo / pi_ref): a model trained without a reference (SimPO) has no such implicit
+    reward, and its log-ratio to the SFT model would be a number with no meaning. Refused, naming the run."""
+    saved = Path(dpo_dir) / "train_config.json"
+    loss_type = json.loads(saved.read_text()).get("loss_type", "sigmoid") if saved.is_file() else "sigmoid"
+    if loss_type in dpo_math.LOSSES and not dpo_math.LOSSES[loss_type].token_reward:
+        raise UserError(f"--dpo {dpo_dir} was trained with loss_type {loss_type!r}, which has no reference model: its "
+                        f"log-ratio to pi_ref is no implicit reward, so it gives RTO no token reward; use a run of "
+                        f"sigmoid (DPO), ipo, rdpo or tdpo")
 
 
 def run_ppo(cfg: PPOConfig) -> Path:
@@ -977,8 +1041,43 @@ def stage_configs(pc: PipelineConfig, data: dict, tok_dir: Path):
                                 dpo=str(out / "dpo" / "final"), rm=str(out / "rm" / "final"), task=str(data["task"]),
                                 rollout_batch_size=pc.batch_size, batch_size=pc.batch_size // 2,
                                 micro_batch_size=micro // 2, **{**DEMO["ppo"], **over["ppo"]})
-                for algo in pc.algos.split(",")}
+                for algo in pc.algos.split(",") if algo in rto.ALGOS}
     return sft, dpo_cfg, rm_cfg, ppo_cfgs
+
+
+# The direct preference methods of the paper's Table 1 besides DPO, as `--algos` names: DPO runs with another loss,
+# from the same SFT model on the same pairs (their own fields as DPOConfig declares them; SimPO's beta is its paper's).
+OFFLINE = {"r-dpo": dict(loss_type="rdpo"), "simpo": dict(loss_type="simpo", beta=2.0), "tdpo": dict(loss_type="tdpo2")}
+
+
+def offline_configs(pc: PipelineConfig, dpo_cfg: DPOConfig) -> dict:
+    """The DPO stage config of every offline method in --algos, each in <out>/<name>; --set dpo.* applies to them too,
+    but for the fields OFFLINE sets (SimPO keeps its beta 2.0)."""
+    return {name: dataclasses.replace(dpo_cfg, out=str(Path(pc.out) / name), **OFFLINE[name])
+            for name in pc.algos.split(",") if name in OFFLINE}
+
+
+def length_controlled_win_rate(judge_diff, len_diff) -> float:
+    """AlpacaEval 2's length-controlled win rate (Dubois et al. 2024), for one policy against one baseline: a
+    logistic regression of the judge's preference (1 win, 0 loss, 0.5 tie; judge_diff = the judge's score of the
+    policy's response minus the baseline's, per prompt) on the policy's identity (an intercept) and
+    tanh(len_diff / std(len_diff)), the normalised length difference; read at zero length difference: sigmoid of
+    the intercept. AlpacaEval's GLM also fits an instruction-difficulty term across many models; with one pair of
+    models per prompt there is no such term to fit. numpy only: Newton's method on the cross-entropy, with an L2 of
+    1e-6 so a perfect separation still converges. Returns the LC win rate in [0, 1]."""
+    y = np.where(judge_diff > 0, 1.0, np.where(judge_diff < 0, 0.0, 0.5))
+    sd = np.std(len_diff)
+    x = np.stack([np.ones_like(y), np.tanh(len_diff / sd) if sd > 0 else np.zeros_like(y)], 1)  # (n, 2)
+    w = np.zeros(2)
+    for _ in range(100):
+        p = 1 / (1 + np.exp(-x @ w))
+        grad = x.T @ (p - y) / len(y) + 1e-6 * w
+        hess = (x * (p * (1 - p))[:, None]).T @ x / len(y) + 1e-6 * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    return float(1 / (1 + np.exp(-w[0])))
 
 
 def eval_settings(pc: PipelineConfig) -> EvalSettings:
@@ -1064,8 +1163,8 @@ def run_all(pc: PipelineConfig):
     check_range(pc)
     print0("== PipelineConfig\n" + config_json(pc))
     for algo in pc.algos.split(","):
-        if algo not in rto.ALGOS:
-            raise UserError(f"--algos: unknown {algo!r}; choose from {', '.join(rto.ALGOS)}")
+        if algo not in rto.ALGOS and algo not in OFFLINE:
+            raise UserError(f"--algos: unknown {algo!r}; choose from {', '.join([*rto.ALGOS, *OFFLINE])}")
     take_dir(out)  # one `all` per directory, before anything is written (its data files included)
     task, data, data_changed = task_data(pc)
     sft_cfg, dpo_cfg, rm_cfg, ppo_cfgs = stage_configs(pc, data, out / "tokenizer")
@@ -1077,6 +1176,9 @@ def run_all(pc: PipelineConfig):
     for stage_cfg, fn in ((dpo_cfg, run_dpo), (rm_cfg, run_rm)):
         run_or_reuse(stage_cfg, fn, fresh and sft_kept, pc.reuse)
     policies = {"sft": out / "sft" / "final", "dpo": out / "dpo" / "final"}
+    for name, offline_cfg in offline_configs(pc, dpo_cfg).items():  # the other direct preference methods
+        run_or_reuse(offline_cfg, run_dpo, fresh and sft_kept, pc.reuse)
+        policies[name] = Path(offline_cfg.out) / "final"
     for algo, cfg in ppo_cfgs.items():
         policies[algo] = run_ppo(cfg)
     train_s = time.perf_counter() - t0
@@ -1090,17 +1192,18 @@ def run_all(pc: PipelineConfig):
     res = {name: evaluate(path, ref, tok, rows, ev, task.gold_reward, rm_model) for name, path in policies.items()}
     rm_eval = json.loads((out / "rm" / "eval.json").read_text())
     dpo_eval = json.loads((out / "dpo" / "eval.json").read_text())
-    table = ["| policy | gold reward | win rate vs SFT (gold) | RM score | KL to SFT | response length |",
-             "|---|---|---|---|---|---|"]
+    table = ["| policy | gold reward | win rate vs SFT (gold) | RM score | KL to SFT | response length | "
+             "LC win rate vs SFT (gold) |", "|---|---|---|---|---|---|---|"]
     summary = {}
     for name, r in res.items():
         diff = r["gold"] - res["sft"]["gold"]
         win = ((diff > 0).double() + 0.5 * (diff == 0).double()).mean().item()
+        lc = length_controlled_win_rate(diff.numpy(), (r["len"] - res["sft"]["len"]).numpy())
         summary[name] = {"gold": r["gold"].mean().item(), "win_vs_sft": win, "rm_score": r["score"].mean().item(),
-                         "kl": r["kl"].mean().item(), "len": r["len"].mean().item()}
+                         "kl": r["kl"].mean().item(), "len": r["len"].mean().item(), "lc_win_vs_sft": lc}
         s = summary[name]
         table.append(f"| {name} | {s['gold']:.3f} | {s['win_vs_sft']:.3f} | {s['rm_score']:.3f} | {s['kl']:.3f} "
-                     f"| {s['len']:.2f} |")
+                     f"| {s['len']:.2f} | {lc:.3f} |")
     notes = [f"reward model accuracy on {pc.n_eval} held-out pairs: {rm_eval['eval_accuracy']:.3f}",
              f"DPO implicit-reward accuracy on the same pairs: {dpo_eval['eval_accuracy']:.3f}",
              f"training time (all stages, {D.world} process{'es' if D.world > 1 else ''}): {train_s:.0f} s"]
@@ -1198,6 +1301,7 @@ def run_explain(cfg: ExplainConfig):
         raise UserError(f"{len(cfg.response)} --response for {len(cfg.prompt)} --prompt: give one per prompt, or none")
     check_slot(cfg.dpo, "dpo", "lm")
     check_slot(cfg.ref, "ref", "lm", policy=cfg.dpo)
+    check_implicit_reward(cfg.dpo)
     tok = open_tokenizer(cfg.dpo)
     dpo_model = open_model(cfg.dpo, "lm", cfg, tok, frozen=True)
     ref = open_model(cfg.ref, "lm", cfg, tok, frozen=True)

@@ -4,6 +4,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -240,3 +241,48 @@ def test_reuse_keeps_the_shared_stages(tmp_path):
     # without --reuse a finished pipeline is refused, as before
     with pytest.raises(ValueError, match="holds a finished run"):
         train.main(base[:base.index("--reuse")] + base[base.index("--reuse") + 1:])
+
+
+def test_length_controlled_win_rate():
+    """Against closed forms and a brute-force fit: no length difference -> the raw win rate; a judge that prefers
+    longer answers -> about 0.5 at equal length while the raw win rate is high; the fit equals a grid search."""
+    rng = np.random.default_rng(0)
+    y = rng.random(200) < 0.7
+    lc = train.length_controlled_win_rate(np.where(y, 1.0, -1.0), np.zeros(200))
+    assert lc == pytest.approx(y.mean(), abs=1e-4)
+    # the policy writes longer answers on most prompts, and the judge likes length alone
+    len_diff = rng.normal(3.0, 4.0, 2000)
+    feature = np.tanh(len_diff / len_diff.std())
+    wins = rng.random(2000) < 1 / (1 + np.exp(-3.0 * feature))
+    judge = np.where(wins, 1.0, -1.0)
+    lc = train.length_controlled_win_rate(judge, len_diff)
+    assert wins.mean() > 0.65 and abs(lc - 0.5) < 0.06, (wins.mean(), lc)
+    # the same penalised cross-entropy minimised by brute force over a grid: the same intercept
+    grid = np.linspace(-1, 1, 201)
+    w1s = np.linspace(2, 4, 201)
+    y01 = wins.astype(float)
+    best = min(((np.mean(np.logaddexp(0, -(2 * y01 - 1) * (w0 + w1 * feature))), w0) for w0 in grid for w1 in w1s))
+    assert 1 / (1 + np.exp(-best[1])) == pytest.approx(lc, abs=0.005)
+    # ties count half
+    assert train.length_controlled_win_rate(np.zeros(10), np.zeros(10)) == pytest.approx(0.5, abs=1e-6)
+
+
+def test_offline_methods_in_the_pipeline(tmp_path):
+    """`all --algos ppo,r-dpo,simpo,tdpo`: each offline method is a DPO run with its own loss, judged beside the
+    others with the LC win rate; RTO refuses a SimPO run as its DPO model (no reference, no implicit reward)."""
+    out = tmp_path / "p"
+    summary = train.main(["all", "--out", str(out), "--algos", "ppo,r-dpo,simpo,tdpo", *TINY])
+    assert set(summary) == {"sft", "dpo", "r-dpo", "simpo", "tdpo", "ppo"}
+    for name, loss in (("r-dpo", "rdpo"), ("simpo", "simpo"), ("tdpo", "tdpo2")):
+        saved = json.loads((out / name / "final" / "train_config.json").read_text())
+        assert saved["loss_type"] == loss and (out / name / "eval.json").is_file()
+        assert math.isfinite(metrics(out / name)[-1]["loss"])
+    assert json.loads((out / "simpo" / "final" / "train_config.json").read_text())["beta"] == 2.0
+    assert "LC win rate vs SFT (gold)" in (out / "results.md").read_text()
+    assert all(0 <= s["lc_win_vs_sft"] <= 1 for s in summary.values())
+    bad = ppo_args(out, tmp_path / "x")
+    bad[bad.index("--dpo") + 1] = str(out / "simpo" / "final")
+    with pytest.raises(ValueError, match="was trained with loss_type 'simpo', which has no reference model"):
+        train.main(bad)
+    # at step 0 (policy == reference) every loss starts where its formula says: DPO-like ones at log 2
+    assert metrics(out / "tdpo")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
