@@ -1,11 +1,13 @@
 """Every stage of the RTO pipeline: SFT -> DPO -> Bradley-Terry reward model -> PPO with dense token rewards.
 
     python train.py                     # the whole pipeline on the built-in task (1-2 min on 2 CPU cores), results table
+    python train.py --reuse --algos ppo,rto,r-dpo,simpo,tdpo   # again, keeping the finished SFT / DPO / RM stages
     python train.py sft --data sft.jsonl --model path/to/Llama-3.2-1B --out runs/sft
     python train.py dpo --data prefs.jsonl --model runs/sft/final --out runs/dpo
     python train.py rm  --data prefs.jsonl --model runs/sft/final --out runs/rm
     python train.py ppo --algo rto --prompts prompts.jsonl --policy runs/sft/final \\
                         --dpo runs/dpo/final --rm runs/rm/final --out runs/rto
+    python train.py ppo ... --estimator rloo --samples_per_prompt 4   # no critic: a leave-one-out group baseline
     python train.py sample --model runs/rto/final --prompt "Why is the sky blue?"
     torchrun --nproc_per_node=8 train.py ppo ...     # the same file, N processes, FSDP2 (nccl on GPU, gloo on CPU)
     python train.py ppo --help                       # every field of a stage's config, with its default
@@ -783,6 +785,12 @@ def update(cfg: PPOConfig, actor, actor_opt, actor_sched, critic: Critic | None,
     return {"stats": stats, "first_dev": first_dev}
 
 
+def gold_rewards(gold, buf: dict, prompts: list, tok: Tokenizer) -> list[float]:
+    """The built-in task's true reward of every sampled response (the judge no model sees)."""
+    P, mask = buf["prompt_len"], buf["response_mask"]
+    return [gold(p, tok.decode(buf["input_ids"][r, P:][mask[r]].tolist())) for r, p in enumerate(prompts)]
+
+
 def ppo_metrics(buf: dict, rewards, comp: dict, upd: dict, texts_gold: list[float] | None) -> dict:
     """5. One step's metrics: per-sequence sums averaged over every rank's responses, the update's stats."""
     mask, N = buf["response_mask"], buf["response_mask"].shape[0]
@@ -885,10 +893,9 @@ def run_ppo(cfg: PPOConfig) -> Path:
     delim_ids = (torch.tensor([any(c in tok.decode([i], skip_special=False) for c in cfg.delimiters)
                                for i in range(actor.args.vocab_size)], device=D.device)
                  if "delimiter_mask" in rto.ALGOS[cfg.algo].needs else None)
-    trained = {"actor": (actor, actor_opt, actor_sched)}
-    if critic is not None:
-        trained["critic"] = (critic.model, critic.opt, critic.sched)
-    ckpt_models, ckpt_optims, ckpt_scheds = ({k: v[i] for k, v in trained.items()} for i in range(3))
+    ckpt_models, ckpt_optims, ckpt_scheds = {"actor": actor}, {"actor": actor_opt}, {"actor": actor_sched}
+    if critic is not None:  # what a checkpoint holds: the trained models, their optimizers and schedules
+        ckpt_models["critic"], ckpt_optims["critic"], ckpt_scheds["critic"] = critic.model, critic.opt, critic.sched
     start = 0
     if cfg.resume and (ckpt := latest_checkpoint(run_dir)) is not None:
         start = load_checkpoint(ckpt, ckpt_models, ckpt_optims, ckpt_scheds)
@@ -904,7 +911,7 @@ def run_ppo(cfg: PPOConfig) -> Path:
         idx = [i for i in batch_indices(step, len(prompts), per_rollout, cfg.seed) for _ in range(cfg.samples_per_prompt)]
         gen = torch.Generator(device=D.device).manual_seed(seed_for(cfg.seed, step, D.rank))
         buf = rollout(actor, models, critic, tok, [prompts[i] for i in idx], cfg, gen)
-        t_update = time.perf_counter()
+        t_scored = time.perf_counter()
         rewards, comp = token_rewards(cfg, buf, score_norm, delim_ids)
         buf["advantages"], returns = advantages(cfg, rewards, buf["response_mask"], buf.get("values_old"))
         if returns is not None:
@@ -912,17 +919,13 @@ def run_ppo(cfg: PPOConfig) -> Path:
         check_finite(step + 1, {"reward": rewards, "advantage": buf["advantages"],
                                 **({"value": buf["values_old"]} if critic is not None else {})})
         upd = update(cfg, actor, actor_opt, actor_sched, critic, buf, step)
-        t_update = time.perf_counter() - t_update
-        golds = None
-        if gold is not None:
-            P, mask = buf["prompt_len"], buf["response_mask"]
-            golds = [gold(prompt_rows[i].prompt, tok.decode(buf["input_ids"][r, P:][mask[r]].tolist()))
-                     for r, i in enumerate(idx)]
+        t_updated = time.perf_counter()
+        golds = gold_rewards(gold, buf, [prompt_rows[i].prompt for i in idx], tok) if gold is not None else None
         metrics = ppo_metrics(buf, rewards, comp, upd, golds)
         metrics["tokens_per_s"] = float(all_sum(buf["attention_mask"].sum().float().cpu())) / (time.perf_counter() - t0)
         # where the step's time goes: sampling, the scoring passes (policy, reference, DPO model, RM, critic), update
         metrics.update(time_gen_s=buf["time_gen_s"], time_score_s=buf["time_score_s"],
-                       time_update_s=t_update)
+                       time_update_s=t_updated - t_scored)
         logger.log(step + 1, metrics)
         bar.update(1)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
