@@ -2,6 +2,7 @@
 
     python bench.py                         # bench12m preset (~12M params), fp32, CPU
     python bench.py --preset tiny --device cuda --dtype bfloat16
+    python bench.py --decode_batches 1,16 --no_reference   # eager against compiled decode (--compile_decode)
 
 Prints, side by side: training-step tokens/s (forward + backward + AdamW) and generation tokens/s
 (batch 16, 64-token prompts, 128 new tokens, greedy, no early stop). The reference column needs
@@ -62,6 +63,9 @@ def main():
     p.add_argument("--peak_tflops", type=float, default=0.0,
                    help="the device's peak TFLOP/s in --dtype (H100/H200 bf16 dense: ~989): prints training MFU")
     p.add_argument("--no_reference", action="store_true", help="skip the HF column (large presets)")
+    p.add_argument("--decode_batches", default="",
+                   help="e.g. 1,16: also time decoding eager against --compile_decode (static cache + torch.compile) "
+                        "at these batch sizes, the compilation reported apart")
     a = p.parse_args()
     torch.manual_seed(0)
     device, dtype = torch.device(a.device), getattr(torch, a.dtype)
@@ -124,8 +128,33 @@ def main():
         ours.eval(), ref.eval()
         same = torch.equal(our_gen()[:, :16], ref_gen()[:, a.prompt_len:a.prompt_len + 16])
         print(f"greedy tokens identical to the reference (first 16): {same}")
+    if a.decode_batches:
+        ours.eval()
+        print(f"decode new tokens/s ({a.prompt_len}-token prompts, {a.new_tokens} new, greedy, no early stop):")
+        print(f"{'batch':>8s}{'eager':>12s}{'compiled':>12s}{'ratio':>8s}{'compile s':>11s}")
+        for batch in map(int, a.decode_batches.split(",")):
+            eager, _ = decode_speed(ours, batch, a.prompt_len, a.new_tokens, a.repeats, device, False)
+            compiled, warm = decode_speed(ours, batch, a.prompt_len, a.new_tokens, a.repeats, device, True)
+            print(f"{batch:8d}{eager:12.0f}{compiled:12.0f}{compiled / eager:8.2f}{warm:11.1f}")
     if device.type == "cuda":
         print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+
+
+@torch.no_grad()
+def decode_speed(model, batch: int, prompt_len: int, new_tokens: int, repeats: int, device, compile_decode: bool):
+    """New tokens/s of generate at this batch size, and the seconds of its first call (the compilation, when
+    compile_decode), which the median of timed() leaves out."""
+    prompts = torch.randint(0, model.args.vocab_size, (batch, prompt_len), device=device)
+    pmask = torch.ones_like(prompts)
+
+    def run():
+        return generate(model, prompts, pmask, new_tokens, stop_ids=[], pad_id=0, temperature=0,
+                        compile_decode=compile_decode)
+
+    t0 = time.perf_counter()
+    run()
+    first = time.perf_counter() - t0
+    return batch * new_tokens / timed(run, repeats, device), first
 
 
 if __name__ == "__main__":

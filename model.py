@@ -173,7 +173,12 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:  # write this step's keys/values into the preallocated cache, attend over all so far
+        if cache is not None and cache.static:  # fixed shapes: write at the column tensor, attend over all (masked)
+            k_cache, v_cache = cache.layer(layer, k)
+            k_cache.index_copy_(2, start, k)
+            v_cache.index_copy_(2, start, v)
+            k, v = k_cache, v_cache
+        elif cache is not None:  # write this step's keys/values into the preallocated cache, attend over all so far
             k_cache, v_cache = cache.layer(layer, k)
             k_cache[:, :, start:start + T] = k
             v_cache[:, :, start:start + T] = v
@@ -214,13 +219,43 @@ class KVCache:
     `length` columns are filled; `n_real[b]` counts row b's real tokens so far (= the next position id).
     A layer's buffers are allocated at its first write, in the dtype its keys arrive in (under a
     mixed-precision policy that is the compute dtype, not the stored parameters' dtype).
+    static=True keeps every shape fixed for the whole rollout, for a compiled decode step (generate's
+    compile_decode): the next column is a tensor (`pos`), writes go through index_copy_, and attention runs over
+    all max_len columns with the unwritten ones masked, so no shape depends on how far decoding has got.
     """
 
-    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, device):
+    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, device, static: bool = False):
         self.shape = (batch_size, args.n_kv_heads, max_len, args.head_dim)
         self.kv = [None] * args.n_layers
         self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.n_real = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.length = 0
+        self.static = static
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)  # static: the next column to write
+
+    def append(self, real):
+        """Record T new columns, real (B, T) bool: real token or pad. Returns (start, q_pos (T, 1), keys_real (B, S),
+        k_pos (1, S)): where the layers write (an int, or the (T,) column tensor of a static cache) and what the
+        attention mask is built from (S = the filled columns, or all of a static cache's)."""
+        T, device = real.shape[1], real.device
+        if self.static:
+            cols = self.pos + torch.arange(T, device=device)
+            self.key_mask.index_copy_(1, cols, real)
+            self.pos += T
+            start, keys_real = cols, self.key_mask
+        else:
+            start = self.length
+            self.key_mask[:, start:start + T] = real
+            self.length += T
+            cols, keys_real = torch.arange(start, start + T, device=device), self.key_mask[:, :start + T]
+        self.n_real += real.sum(-1)
+        return start, cols[:, None], keys_real, torch.arange(keys_real.shape[1], device=device)[None, :]
+
+    def reset(self):
+        """Empty again, the buffers kept (a compiled step keeps working on the same tensors)."""
+        self.key_mask.zero_()
+        self.n_real.zero_()
+        self.pos.zero_()
         self.length = 0
 
     def layer(self, i: int, like: torch.Tensor):
@@ -268,19 +303,15 @@ class Llama(nn.Module):
         B, T = input_ids.shape
         device = input_ids.device
         real = torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
-        start = 0 if cache is None else cache.length
         # position = number of real tokens before this one: padded rows see the same positions as unpadded ones
         positions = (real.cumsum(-1) - 1).clamp(min=0)
+        start, mask = 0, None  # plain causal attention when nothing is padded and nothing is cached
         if cache is not None:
             positions = positions + cache.n_real[:, None]
-            cache.key_mask[:, start:start + T] = real
-            cache.n_real += real.sum(-1)
-            cache.length += T
-        mask = None  # plain causal attention when nothing is padded and nothing is cached
+            start, q_pos, keys_real, k_pos = cache.append(real)
+        elif attention_mask is not None:
+            q_pos, keys_real, k_pos = torch.arange(T, device=device)[:, None], real, torch.arange(T, device=device)[None]
         if cache is not None or attention_mask is not None:
-            keys_real = real if cache is None else cache.key_mask[:, :start + T]
-            q_pos = torch.arange(start, start + T, device=device)[:, None]
-            k_pos = torch.arange(start + T, device=device)[None, :]
             # (B, 1, T, S): causal and key is real; a padded query may always see itself so no row is empty
             # (an all-False row makes SDPA return NaN, which would then leak into the gradients as NaN * 0)
             mask = ((k_pos <= q_pos) & keys_real[:, None, None, :]) | (k_pos == q_pos)
@@ -327,15 +358,38 @@ def sample_next(logits, temperature: float, top_k: int, top_p: float, generator=
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+# (model, cache shape) -> (compiled decode step, its static cache): compiled once per rollout shape, then reused
+COMPILED_STEPS = {}
+
+
+def compiled_decode(model: Llama, batch_size: int, max_len: int, device):
+    """A decode step compiled once for this model and rollout shape, with the static cache it works on: one token
+    for every row, (B, 1) ids and mask -> (B, V) logits, no data-dependent shape or Python branch inside (stopping is
+    the caller's masks). mode "reduce-overhead" (CUDA graphs) on a GPU, the default mode elsewhere."""
+    key = (id(model), batch_size, max_len, str(device))
+    if key not in COMPILED_STEPS:
+        cache = KVCache(model.args, batch_size, max_len, device, static=True)
+
+        def step(tokens, real):
+            return model(tokens, real, cache=cache)[:, -1]
+
+        mode = "reduce-overhead" if torch.device(device).type == "cuda" else None
+        COMPILED_STEPS[key] = (torch.compile(step, mode=mode, dynamic=False), cache)
+    return COMPILED_STEPS[key]
+
+
 @torch.no_grad()
 def generate(model: Llama, prompt_ids, prompt_mask, max_new_tokens: int, *, stop_ids, pad_id: int,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator=None):
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator=None,
+             compile_decode: bool = False):
     """Batched sampling with a preallocated KV cache.
 
     prompt_ids, prompt_mask (B, P): left-padded prompts (the last column is real for every row).
     stop_ids: the ids that end a response (Llama-3.1-Instruct has three); a list, possibly empty.
     Returns (tokens (B, N), mask (B, N) bool) with N <= max_new_tokens: a row's tokens up to and including its
     first stop id are real; everything after is pad_id with mask False. Rows that never stop are cut at N.
+    compile_decode: the per-token step runs compiled on a static cache (compiled_decode; the prompt's pass stays
+    eager); sampling is the same code on the same logits, so greedy tokens equal the eager path's.
     """
     B, P = prompt_ids.shape
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=prompt_ids.device)
@@ -343,7 +397,12 @@ def generate(model: Llama, prompt_ids, prompt_mask, max_new_tokens: int, *, stop
         raise ValueError(f"prompt width {P} + max_new_tokens {max_new_tokens} exceeds max_seq_len {model.args.max_seq_len}")
     if not bool(prompt_mask[:, -1].all()):
         raise ValueError("prompts must be left-padded: the last column must be a real token in every row")
-    cache = KVCache(model.args, B, P + max_new_tokens, prompt_ids.device)
+    if compile_decode:
+        step, cache = compiled_decode(model, B, P + max_new_tokens, prompt_ids.device)
+        cache.reset()
+    else:
+        cache = KVCache(model.args, B, P + max_new_tokens, prompt_ids.device)
+        step = lambda ids, real: model(ids, real, cache=cache)[:, -1]  # noqa: E731
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=prompt_ids.device)
     done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
     logits = model(prompt_ids, prompt_mask, cache=cache, last_only=True)[:, -1]
@@ -357,7 +416,7 @@ def generate(model: Llama, prompt_ids, prompt_mask, max_new_tokens: int, *, stop
         if n == max_new_tokens or bool(done.all()):
             break
         # finished rows feed a masked pad: their keys are never attended, their outputs ignored
-        logits = model(nxt[:, None], real[:, None].long(), cache=cache)[:, -1]
+        logits = step(nxt[:, None], real[:, None].long())
     tokens = tokens[:, :n]
     # real = up to and including the first stop id (found from the tokens, never from pad_id)
     is_stop = torch.isin(tokens, stop).long()

@@ -97,6 +97,9 @@ class SamplingFields:
                            "distribution (as in the reference code), so anything but 0 makes PPO slightly off-policy",
                         NONNEG)
     top_p: float = option(1.0, "nucleus sampling mass (1: all); the same caveat as top_k", "(0, 1]")
+    compile_decode: bool = option(False, "decode with a static KV cache and a torch.compile'd step (CUDA graphs on a "
+                                         "GPU), compiled once per rollout shape; off by default: on CPU it does not pay "
+                                         "at these sizes (README, Throughput), and no GPU has measured it yet")
 
 
 @dataclass
@@ -593,7 +596,7 @@ def seed_for(*parts: int) -> int:
 
 @torch.no_grad()
 def sample_responses(model: Llama, tok: Tokenizer, prompts: list[list[int]], gen, *, max_new_tokens: int,
-                     temperature: float, top_k: int, top_p: float, micro: int) -> dict:
+                     temperature: float, top_k: int, top_p: float, micro: int, compile_decode: bool = False) -> dict:
     """Sample one response per prompt row, in micro-batches; returns the [left-padded prompt | right-padded response]
     batch with response_mask True up to and including each row's EOS."""
     p_ids, p_mask = pad_left(prompts, tok.pad_id)
@@ -603,7 +606,8 @@ def sample_responses(model: Llama, tok: Tokenizer, prompts: list[list[int]], gen
     with gathered(model):
         for rows in chunks(list(range(len(prompts))), micro):
             outs.append(generate(model, p_ids[rows], p_mask[rows], max_new_tokens, stop_ids=tok.stop_ids,
-                                 pad_id=tok.pad_id, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen))
+                                 pad_id=tok.pad_id, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen,
+                                 compile_decode=compile_decode))
     R = max(t.shape[1] for t, _ in outs)
     tokens = torch.cat([torch.nn.functional.pad(t, (0, R - t.shape[1]), value=tok.pad_id) for t, _ in outs])
     mask = torch.cat([torch.nn.functional.pad(m, (0, R - m.shape[1]), value=False) for _, m in outs])
@@ -705,7 +709,8 @@ def rollout(actor, models: dict, critic: Critic | None, tok: Tokenizer, prompts:
     The update's micro-batches are exactly these rows, so its first minibatch reproduces logp_old bit for bit."""
     t0 = time.perf_counter()
     buf = sample_responses(actor, tok, prompts, gen, max_new_tokens=cfg.max_response_len, temperature=cfg.temperature,
-                           top_k=cfg.top_k, top_p=cfg.top_p, micro=cfg.micro_batch_size)
+                           top_k=cfg.top_k, top_p=cfg.top_p, micro=cfg.micro_batch_size,
+                           compile_decode=cfg.compile_decode)
     t_gen = time.perf_counter()
     P, mask = buf["prompt_len"], buf["response_mask"]
     stop = torch.tensor(tok.stop_ids, device=mask.device)
@@ -1244,7 +1249,7 @@ def run_sample(cfg: SampleConfig):
     gen = torch.Generator(device=D.device).manual_seed(cfg.seed)
     toks, tmask = generate(model, ids.to(D.device), mask.to(D.device), cfg.max_new_tokens, stop_ids=tok.stop_ids,
                            pad_id=tok.pad_id, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                           generator=gen)
+                           generator=gen, compile_decode=cfg.compile_decode)
     for k, p in enumerate(prompts):
         print(f"--- {cfg.prompt[k // cfg.n]!r} ({'chat template' if tok.chat else 'plain format'})")
         print(tok.decode(toks[k][tmask[k]].tolist()))
