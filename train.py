@@ -866,12 +866,17 @@ def check_implicit_reward(dpo_dir: str):
                         f"sigmoid (DPO), ipo, rdpo or tdpo")
 
 
+def ppo_plan(cfg: PPOConfig, slots: dict) -> dict:
+    """The memory plan of a PPO run from its checkpoints' config.json alone (runtime.memory_plan)."""
+    return memory_plan({k: (dataclasses.replace(hf.read_config(p), head=h,
+                                                tie_embeddings=hf.read_config(p).tie_embeddings and h == "lm"), trained)
+                        for k, (p, trained, h) in slots.items()}, cfg, cfg.plan_world or D.world, cfg.max_prompt_len)
+
+
 def run_ppo(cfg: PPOConfig) -> Path:
     check_range(cfg)
     slots = ppo_slots(cfg)
-    plan = memory_plan({k: (dataclasses.replace(hf.read_config(p), head=h, tie_embeddings=hf.read_config(p).tie_embeddings
-                                                 and h == "lm"), trained) for k, (p, trained, h) in slots.items()},
-                       cfg, cfg.plan_world or D.world, cfg.max_prompt_len)
+    plan = ppo_plan(cfg, slots)
     print0(plan_text(plan))
     if cfg.plan:
         return None
