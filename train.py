@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -249,13 +250,14 @@ def encode_rows(rows, encode, tok: Tokenizer):
     """encode(row) for every data row, a template's refusal named with the row's file and line. Text that spells a
     special token ("<|eot_id|>" inside a message) becomes that control token, as transformers tokenizes it too:
     legal, but rarely meant, so the first such row is named in a warning."""
-    out, specials, odd = [], tok.special_texts(), []
+    specials = re.compile("|".join(map(re.escape, tok.special_texts()))) if tok.special_texts() else None
+    out, odd = [], []
     for r in rows:
         try:
             out.append(encode(r))
         except DataError as e:
             raise DataError(f"{r.where}: {e}") from None
-        found = next((t for text in row_texts(r) for t in specials if t in text), None)
+        found = next((m.group(0) for text in row_texts(r) if specials and (m := specials.search(text))), None)
         if found is not None:
             odd.append((r.where, found))
     if odd:
