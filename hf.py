@@ -374,10 +374,21 @@ def safetensors_headers(path: Path) -> dict[str, tuple[Path, tuple, str]]:
 
 def save_hf_checkpoint(sd: dict, config: dict, path, max_shard_bytes: int, extra_files: dict | None = None):
     """Write an HF checkpoint into path.tmp, then swap it into place (replace_dir): a failure leaves path as it was."""
+    meta = {n: (tuple(t.shape), t.dtype) for n, t in sd.items()}
+    save_streamed(meta, lambda n: sd[n], config, path, max_shard_bytes, extra_files)
+
+
+def save_streamed(meta: dict, fetch, config: dict, path, max_shard_bytes: int, extra_files: dict | None = None,
+                  writer: bool = True):
+    """save_hf_checkpoint from HF name -> (shape, dtype) and fetch(name) -> the tensor, one shard file at a time
+    (runtime.export_hf gathers each parameter only when its shard file is written). Called on every rank; only
+    the writer touches the disk."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
+    if not writer:
+        return _write_streamed(meta, fetch, config, tmp, max_shard_bytes, extra_files, writer=False)
     try:
-        _write_hf_checkpoint(sd, config, tmp, max_shard_bytes, extra_files)
+        _write_streamed(meta, fetch, config, tmp, max_shard_bytes, extra_files)
     except Exception as e:  # a full disk, a file-size limit, a read-only directory: `path` is untouched
         shutil.rmtree(tmp, ignore_errors=True)
         errno, why = os_error_of(e)
@@ -414,33 +425,48 @@ def file_mode() -> int:
 
 
 
-def _write_hf_checkpoint(sd: dict, config: dict, tmp: Path, max_shard_bytes: int, extra_files: dict | None):
-    from safetensors.torch import save_file
-
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    # split into shards of at most max_shard_bytes (a single tensor larger than that gets its own shard)
+def shard_plan(meta: dict, max_shard_bytes: int) -> list[list[str]]:
+    """HF names in sorted order, cut into shards of at most max_shard_bytes (a larger tensor gets one of its own),
+    from shapes and dtypes alone: every rank of a streamed export computes the same plan."""
     shards, size = [[]], 0
-    for name in sorted(sd):
-        nbytes = sd[name].numel() * sd[name].element_size()
+    for name in sorted(meta):
+        shape, dtype = meta[name]
+        nbytes = math.prod(shape) * torch.finfo(dtype).bits // 8
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(name)
         size += nbytes
-    dtype = str(next(iter(sd.values())).dtype).removeprefix("torch.")
+    return shards
+
+
+def _write_streamed(meta: dict, fetch, config: dict, tmp: Path, max_shard_bytes: int, extra_files: dict | None,
+                    writer: bool = True):
+    """Write shard file by shard file, fetching each tensor in turn: fetch(name) returns it (on the writer; None
+    elsewhere: under FSDP every rank takes part in each gather, in the plan's order), so the writer holds at most one
+    shard file's tensors and the others one tensor at a time."""
+    from safetensors.torch import save_file
+
+    if writer:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    shards = shard_plan(meta, max_shard_bytes)
+    dtype = str(next(iter(meta.values()))[1]).removeprefix("torch.")
+    names = ["model.safetensors"] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                                                           for i in range(len(shards))]
+    for fname, shard in zip(names, shards):
+        tensors = {n: fetch(n) for n in shard}
+        if writer:
+            save_file({n: t.detach().contiguous().cpu() for n, t in tensors.items()}, tmp / fname,
+                      metadata={"format": "pt"})
+        del tensors
+    if not writer:
+        return
     (tmp / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype}, indent=2) + "\n")
-    if len(shards) == 1:
-        save_file({n: sd[n].detach().contiguous().cpu() for n in shards[0]}, tmp / "model.safetensors",
-                  metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, names in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file({n: sd[n].detach().contiguous().cpu() for n in names}, tmp / fname, metadata={"format": "pt"})
-            weight_map.update({n: fname for n in names})
-        total = sum(t.numel() * t.element_size() for t in sd.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    if len(shards) > 1:
+        total = sum(math.prod(shape) * torch.finfo(dt).bits // 8 for shape, dt in meta.values())
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {n: fname for fname, shard in zip(names, shards) for n in shard}}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text, encoding="utf-8")

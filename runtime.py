@@ -403,18 +403,40 @@ def barrier():
         dist.barrier()
 
 
+EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+EXPORT_SHARD_BYTES = 2 * 1024**3  # an export's safetensors files hold at most this much (transformers' default is 5 GB)
+
+
+def export_dtype(model: Llama, cfg) -> torch.dtype:
+    """The dtype of an export: --export_dtype, or (auto) the dtype of the checkpoint the model was loaded from (bf16
+    in, bf16 out), fp32 for a new model. The fp32 master weights are cast once, here."""
+    choice = getattr(cfg, "export_dtype", "auto")
+    return EXPORT_DTYPES[choice] if choice != "auto" else getattr(model, "source_dtype", torch.float32)
+
+
 def export_hf(model: Llama, tok: Tokenizer, path: Path, cfg):
     """The trained model as a complete HF checkpoint, written by rank 0: config.json (with this tokenizer's
     bos/eos/pad ids), the weights (sharded with an index above 2 GB), the tokenizer files carried over from the
-    input (chat template and special tokens intact), generation_config.json (every stop id) and train_config.json."""
+    input (chat template and special tokens intact), generation_config.json (every stop id) and train_config.json.
+
+    Streamed: one shard file at a time, each parameter gathered from its FSDP shards (all ranks take part) only when
+    its file is written, and cast to the export dtype then. No rank holds the whole model: rank 0 holds one shard
+    file's tensors (2 GB at most, or one larger tensor), the others one tensor at a time beyond their own shards."""
     check_weights("export", {"model": model})
     check_outputs("export", {"model": model})
-    sd = full_state_dict(model)
+    dtype, args, sd = export_dtype(model, cfg), model.args, model.state_dict()
+    ours = {hf.hf_name(k): k for k in sd if not (k == "output.weight" and args.tie_embeddings)}
+
+    def fetch(name):
+        t = sd[ours[name]]
+        full = t.full_tensor() if hasattr(t, "full_tensor") else t  # an all-gather on every rank, in plan order
+        return full.detach().to(dtype).cpu() if D.main else None
+
+    extra = {**tok.hf_files(), "generation_config.json": tok.generation_config_json(),
+             "train_config.json": config_json(cfg)}
+    meta = {n: (tuple(sd[k].shape), dtype) for n, k in ours.items()}
+    hf.save_streamed(meta, fetch, hf.config_from_args(args), path, EXPORT_SHARD_BYTES, extra, writer=D.main)
     if D.main:
-        extra = {**tok.hf_files(), "generation_config.json": tok.generation_config_json(),
-                 "train_config.json": config_json(cfg)}
-        hf.save_hf_checkpoint(hf.hf_state_dict(sd, model.args), hf.config_from_args(model.args), path, 2 * 1024**3,
-                              extra)
         for name in ("metrics.jsonl", "train_config.json"):  # an --overwrite's records, now that final/ is its own
             if (path.parent / (name + NEXT)).exists():
                 os.replace(path.parent / (name + NEXT), path.parent / name)
@@ -459,6 +481,7 @@ def open_model(path: str, head: str, cfg, tok: Tokenizer | None = None, frozen: 
     if args.tie_embeddings and not hasattr(model.output.weight, "to_local"):
         model.output.weight = model.tok_embeddings.weight  # to_empty keeps the tie; say it, for the unsharded case
     hf.fill(model, sources, dtype, old_rows)  # each rank reads only its own rows
+    model.source_dtype = hf.DTYPES.get(sources["tok_embeddings.weight"].dtype, torch.float32)  # for the export
     return finish(model, frozen)
 
 
@@ -930,8 +953,12 @@ def memory_plan(models: dict, cfg, world: int, prompt_len: int) -> dict:
     logits = 2 * mb * T * actor.vocab_size * 4  # the logits and their fp32 log-softmax
     biggest = max(a.vocab_size * a.dim for a, _ in models.values()) * 4 / world  # fp32 rows of the embedding
     total = sum(r["bytes"] for r in rows.values()) + gathered_b + kv + act + logits
+    # the streamed export (export_hf): one parameter gathered whole in fp32 at a time on every rank, plus, on rank 0,
+    # the shard file being written (at most EXPORT_SHARD_BYTES, in fp32 at most)
+    tensor = actor.vocab_size * actor.dim * 4
     return {"models": rows, "gathered_actor": gathered_b, "kv_cache": kv, "activations": act, "logits": logits,
-            "total": total, "host_load_peak": biggest, "world": world}
+            "total": total, "host_load_peak": biggest, "world": world, "export_other": tensor,
+            "export_rank0": tensor + min(EXPORT_SHARD_BYTES, param_count(actor) * 4)}
 
 
 def plan_text(plan: dict) -> str:
@@ -947,6 +974,9 @@ def plan_text(plan: dict) -> str:
     lines.append(f"  {'total':19s} {plan['total'] / GIB:8.2f}")
     lines.append(f"  host memory per rank while loading: about one tensor's shard at a time, "
                  f"{plan['host_load_peak'] / GIB:.2f} GiB at most, beyond torch itself")
+    lines.append(f"  host memory while exporting, beyond the shards: one whole tensor per rank "
+                 f"({plan['export_other'] / GIB:.2f} GiB), and on rank 0 the shard file being written "
+                 f"({plan['export_rank0'] / GIB:.2f} GiB in all)")
     return "\n".join(lines)
 
 

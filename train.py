@@ -141,6 +141,9 @@ class Config(SeedField, DeviceField, Bf16Field, RunDirFields):
                              COUNT)
     save_every: int = option(0, "write a resumable checkpoint every N steps (0: only the final HF export)", NONNEG)
     resume: bool = option(False, "continue from the latest complete checkpoint in <out>/checkpoints (its config must match, but for runtime.RESUME_MAY_CHANGE)")
+    export_dtype: str = option("auto", "dtype of final/'s weights: auto (the input checkpoint's: bf16 in, bf16 out; fp32 "
+                                       "for a new model) | fp32 | bf16 | fp16; recorded in config.json",
+                               choices=("auto", "fp32", "bf16", "fp16"))
     offload_frozen: bool = option(False, "keep frozen models' shards in host memory between forwards (FSDP2 CPU offload; "
                                     "with several processes or --bf16)")
 

@@ -197,3 +197,75 @@ def test_memory_plan_by_hand(tmp_path, capsys):
     assert plan["kv_cache"] == 4 * 2048 * 32 * 2 * 8 * 128 * 2 and plan["gathered_actor"] == 2 * n8
     assert plan["logits"] == 2 * 4 * 2048 * 128256 * 4
     assert f"{plan['total'] / 2**30:8.2f}" in text and "memory plan per GPU (8 GPUs)" in text
+
+
+EXPORT_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import torch
+    sys.path.insert(0, {root!r})
+    import hf, runtime, train
+    from hf import Tokenizer
+
+    path, out = sys.argv[1], Path(sys.argv[2])
+    runtime.init_dist("cpu")
+    runtime.EXPORT_SHARD_BYTES = 20_000  # several shard files and an index, as a big model has
+    cfg = train.SFTConfig()
+    tok = Tokenizer.from_dir(path)
+    model = runtime.open_model(path, "lm", cfg, tok)
+    runtime.export_hf(model, tok, out / "streamed", cfg)  # every rank gathers one tensor at a time
+    full = runtime.full_state_dict(model)  # the old way: the whole model gathered on rank 0, then written
+    if runtime.D.main:
+        extra = dict(tok.hf_files(), **{{"generation_config.json": tok.generation_config_json(),
+                                         "train_config.json": runtime.config_json(cfg)}})
+        hf.save_hf_checkpoint(hf.hf_state_dict(full, model.args), hf.config_from_args(model.args), out / "whole",
+                              20_000, extra)
+    runtime.close_dist(True)
+""")
+
+
+def test_streamed_export_is_bitwise_the_whole_model_export(tmp_path):
+    """Under 2-process gloo FSDP2 the streamed export writes, file by file, the bytes the old gather-everything-on-
+    rank-0 export wrote (several shards and the index); a bf16 input exports as bf16 by default."""
+    src = tmp_path / "src"
+    shutil.copytree(FIX / "llama_gqa", src)
+    from hf import train_tokenizer
+    tok = train_tokenizer(["hello world"] * 4, vocab_size=300)
+    tok.save(src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}))
+    script = tmp_path / "export.py"
+    script.write_text(EXPORT_SCRIPT.format(root=str(ROOT)))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                        str(script), str(src), str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    files = sorted(f.name for f in (tmp_path / "whole").iterdir())
+    assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 2
+    assert files == sorted(f.name for f in (tmp_path / "streamed").iterdir())
+    for f in files:
+        assert (tmp_path / "streamed" / f).read_bytes() == (tmp_path / "whole" / f).read_bytes(), f
+
+
+def test_bf16_in_bf16_out(tmp_path):
+    torch.manual_seed(0)
+    model = Llama(ModelArgs.preset("tiny")).to(torch.bfloat16)
+    hf.save(model, tmp_path / "bf16")
+    from hf import train_tokenizer
+    tok = train_tokenizer(["hello world"] * 4, vocab_size=300)
+    tok.save(tmp_path / "bf16")
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "hi", "response": "hello world"}) + "\n" for _ in range(8)))
+    common = ["sft", "--model", str(tmp_path / "bf16"), "--data", str(data), "--max_steps", "1", "--batch_size", "4",
+              "--micro_batch_size", "4", "--no-progress"]
+    train.main([*common, "--out", str(tmp_path / "auto")])
+    train.main([*common, "--out", str(tmp_path / "fp32"), "--export_dtype", "fp32"])
+    for run, want in (("auto", "bfloat16"), ("fp32", "float32")):
+        final = tmp_path / run / "final"
+        assert json.loads((final / "config.json").read_text())["torch_dtype"] == want
+        from safetensors.torch import load_file
+        assert {str(t.dtype) for t in load_file(final / "model.safetensors").values()} == {f"torch.{want}"}
+    # the bf16 export is the fp32 master weights cast to bf16 once
+    from safetensors.torch import load_file
+    a, b = load_file(tmp_path / "auto" / "final" / "model.safetensors"), load_file(tmp_path / "fp32" / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k].to(torch.bfloat16)) for k in a)
