@@ -164,7 +164,8 @@ def gathered(model):
 
 
 def full_state_dict(model) -> dict[str, torch.Tensor]:
-    """The unsharded state dict on CPU (on rank 0; other ranks get an empty dict under FSDP)."""
+    """The unsharded state dict on CPU (on rank 0; other ranks get an empty dict under FSDP): the whole model
+    gathered at once. Exports stream instead (export_hf); the tests compare them with this."""
     if D.world == 1 and not any(hasattr(p, "full_tensor") for p in model.parameters()):
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
