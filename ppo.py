@@ -188,13 +188,18 @@ def leave_one_out_mean(x, k: int):
     return ((g.sum(1, keepdim=True) - g) / (k - 1)).reshape(x.shape)
 
 
+def on_every_token(seq_adv, mask):
+    """A sequence-level advantage (B,) on every valid token of its response -> (B, T), zero on padding."""
+    return torch.where(mask.bool(), seq_adv[:, None].expand(mask.shape), torch.zeros((), dtype=seq_adv.dtype))
+
+
 def rloo(rewards, mask, k: int, gamma: float = 1.0):
     """RLOO (Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for RLHF", eq. 5):
     each response's return R_i (its reward-to-go from the first token) minus the mean return of the other k - 1
     responses to its prompt, the same advantage on every valid token. (B, T) -> (B, T)."""
     ret = reward_to_go(rewards, mask, gamma)[:, 0]                      # (B,)
     adv = ret - leave_one_out_mean(ret, k)
-    return torch.where(mask.bool(), adv[:, None].expand(rewards.shape), torch.zeros_like(rewards, dtype=adv.dtype))
+    return on_every_token(adv, mask)
 
 
 def grpo(rewards, mask, k: int, gamma: float = 1.0, eps: float = 1e-4):
@@ -205,7 +210,7 @@ def grpo(rewards, mask, k: int, gamma: float = 1.0, eps: float = 1e-4):
     ret = reward_to_go(rewards, mask, gamma)[:, 0]
     g = _groups(ret, k)
     adv = ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + eps)).reshape(ret.shape)
-    return torch.where(mask.bool(), adv[:, None].expand(rewards.shape), torch.zeros_like(rewards, dtype=adv.dtype))
+    return on_every_token(adv, mask)
 
 
 def rloo_token(rewards, mask, k: int, gamma: float = 1.0):

@@ -126,7 +126,7 @@ def run_seed(cfg: SweepConfig, seed: int) -> dict:
 
     base = {"sft": judge(sft, "sft"), "dpo": judge(dpo, "dpo")}
     for name in filter(None, cfg.offline.split(",")):  # DPO runs with another loss, on the same pairs, from the same SFT
-        offline_cfg = dataclasses.replace(dpo_cfg, out=str(d / name), **train.OFFLINE[name])
+        offline_cfg = train.offline_config(dpo_cfg, d / name, name)
         if not finished(Path(offline_cfg.out), "final/config.json"):
             train.run_dpo(offline_cfg)
         base[name] = judge(Path(offline_cfg.out) / "final", name)

@@ -253,7 +253,8 @@ def encode_rows(rows, encode, tok: Tokenizer):
     """encode(row) for every data row, a template's refusal named with the row's file and line. Text that spells a
     special token ("<|eot_id|>" inside a message) becomes that control token, as transformers tokenizes it too:
     legal, but rarely meant, so the first such row is named in a warning."""
-    specials = re.compile("|".join(map(re.escape, tok.special_texts()))) if tok.special_texts() else None
+    texts = tok.special_texts()
+    specials = re.compile("|".join(map(re.escape, texts))) if texts else None
     out, odd = [], []
     for r in rows:
         try:
@@ -1071,8 +1072,12 @@ OFFLINE = {"r-dpo": dict(loss_type="rdpo"), "simpo": dict(loss_type="simpo", bet
 def offline_configs(pc: PipelineConfig, dpo_cfg: DPOConfig) -> dict:
     """The DPO stage config of every offline method in --algos, each in <out>/<name>; --set dpo.* applies to them too,
     but for the fields OFFLINE sets (SimPO keeps its beta 2.0)."""
-    return {name: dataclasses.replace(dpo_cfg, out=str(Path(pc.out) / name), **OFFLINE[name])
-            for name in pc.algos.split(",") if name in OFFLINE}
+    return {name: offline_config(dpo_cfg, Path(pc.out) / name, name) for name in pc.algos.split(",") if name in OFFLINE}
+
+
+def offline_config(dpo_cfg: DPOConfig, out: Path, name: str) -> DPOConfig:
+    """The DPO stage config of one offline method (OFFLINE[name]) writing into out."""
+    return dataclasses.replace(dpo_cfg, out=str(out), **OFFLINE[name])
 
 
 def length_controlled_win_rate(judge_diff, len_diff) -> float:
