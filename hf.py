@@ -19,6 +19,8 @@ import os
 import re
 import shutil
 import signal
+import struct
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -380,49 +382,22 @@ def save_hf_checkpoint(sd: dict, config: dict, path, max_shard_bytes: int, extra
 
 def save_streamed(meta: dict, fetch, config: dict, path, max_shard_bytes: int, extra_files: dict | None = None,
                   writer: bool = True):
-    """save_hf_checkpoint from HF name -> (shape, dtype) and fetch(name) -> the tensor, one shard file at a time
-    (runtime.export_hf gathers each parameter only when its shard file is written). Called on every rank; only
-    the writer touches the disk."""
+    """save_hf_checkpoint from HF name -> (shape, dtype) and fetch(name) -> the tensor, one tensor at a time
+    (runtime.export_hf gathers each parameter only when it is written). Called on every rank; only the writer
+    touches the disk."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     if not writer:
         return _write_streamed(meta, fetch, config, tmp, max_shard_bytes, extra_files, writer=False)
     try:
         _write_streamed(meta, fetch, config, tmp, max_shard_bytes, extra_files)
-    except Exception as e:  # a full disk, a file-size limit, a read-only directory: `path` is untouched
+    except BaseException as e:  # a full disk, a file-size limit, a read-only directory: `path` is untouched
         shutil.rmtree(tmp, ignore_errors=True)
-        errno, why = os_error_of(e)
-        if errno is None:
+        if not isinstance(e, OSError):
             raise
-        raise OSError(errno, f"could not write {path}: {why} ({getattr(e, 'filename', None) or tmp}); "
-                             f"anything already at {path} is untouched") from None
+        raise OSError(e.errno, f"could not write {path}: {e.strerror or e} ({e.filename or tmp}); "
+                               f"anything already at {path} is untouched") from None
     replace_dir(tmp, path)
-
-
-def os_error_of(e: BaseException) -> tuple:
-    """(errno, the OS's own words) of an OSError, or of the I/O error that safetensors' Rust writer puts in its
-    message ("IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })", or "I/O error: File
-    too large (os error 27)"); else (None, "")."""
-    if isinstance(e, OSError):
-        return e.errno, e.strerror or str(e)
-    found = re.search(r'code: (\d+), kind: \w+, message: "([^"]*)"', str(e))
-    if found:
-        return int(found.group(1)), found.group(2)
-    found = re.search(r"(?:I/O error: )?([^:]+) \(os error (\d+)\)", str(e))  # "I/O error: File too large (os error 27)"
-    return (int(found.group(2)), found.group(1).strip()) if found else (None, "")
-
-
-def file_mode() -> int:
-    """The mode Python's own writes give a new file: 0o666 less the umask (read from /proc, since os.umask would
-    change it for a moment). safetensors writes its files 0600."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o644
-
 
 
 def shard_plan(meta: dict, max_shard_bytes: int) -> list[list[str]]:
@@ -431,7 +406,7 @@ def shard_plan(meta: dict, max_shard_bytes: int) -> list[list[str]]:
     shards, size = [[]], 0
     for name in sorted(meta):
         shape, dtype = meta[name]
-        nbytes = math.prod(shape) * torch.finfo(dtype).bits // 8
+        nbytes = math.prod(shape) * dtype.itemsize
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -442,11 +417,9 @@ def shard_plan(meta: dict, max_shard_bytes: int) -> list[list[str]]:
 
 def _write_streamed(meta: dict, fetch, config: dict, tmp: Path, max_shard_bytes: int, extra_files: dict | None,
                     writer: bool = True):
-    """Write shard file by shard file, fetching each tensor in turn: fetch(name) returns it (on the writer; None
-    elsewhere: under FSDP every rank takes part in each gather, in the plan's order), so the writer holds at most one
-    shard file's tensors and the others one tensor at a time."""
-    from safetensors.torch import save_file
-
+    """Write shard file by shard file, tensor by tensor: fetch(name) returns each tensor in turn (on the writer; None
+    elsewhere: under FSDP every rank takes part in each gather, in the same order), and its bytes go to disk at
+    once, so no process holds more than one tensor beyond its own shards."""
     if writer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -455,23 +428,63 @@ def _write_streamed(meta: dict, fetch, config: dict, tmp: Path, max_shard_bytes:
     names = ["model.safetensors"] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                                                            for i in range(len(shards))]
     for fname, shard in zip(names, shards):
-        tensors = {n: fetch(n) for n in shard}
+        part = {n: meta[n] for n in shard}
         if writer:
-            save_file({n: t.detach().contiguous().cpu() for n, t in tensors.items()}, tmp / fname,
-                      metadata={"format": "pt"})
-        del tensors
+            write_safetensors(tmp / fname, part, fetch)
+        else:
+            for n in safetensors_order(part):
+                fetch(n)
     if not writer:
         return
     (tmp / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype}, indent=2) + "\n")
     if len(shards) > 1:
-        total = sum(math.prod(shape) * torch.finfo(dt).bits // 8 for shape, dt in meta.values())
+        total = sum(math.prod(shape) * dt.itemsize for shape, dt in meta.values())
         index = {"metadata": {"total_size": total},
                  "weight_map": {n: fname for fname, shard in zip(names, shards) for n in shard}}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text, encoding="utf-8")
-    for f in tmp.glob("*.safetensors"):  # readable by whoever can read the other files (safetensors writes 0600)
-        os.chmod(f, file_mode())
+
+
+# The safetensors file format, written here one tensor at a time (safetensors' own save_file takes every tensor of a
+# file at once): an 8-byte little-endian header length, the header as compact JSON padded with spaces to a multiple
+# of 8 bytes, then each tensor's bytes, C order, little-endian, back to back. Tensors are laid out by dtype
+# (descending alignment) then by name, and "__metadata__" comes first: save_file's bytes, exactly (tested).
+ST_DTYPE_ORDER = ("F64", "F32", "BF16", "F16")  # the dtypes written here, in save_file's layout order
+ST_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def safetensors_order(meta: dict) -> list[str]:
+    """The order save_file lays out tensors {name: (shape, dtype)} in: by dtype, then by name."""
+    return sorted(meta, key=lambda n: (ST_DTYPE_ORDER.index(ST_NAMES[meta[n][1]]), n))
+
+
+def safetensors_header(meta: dict) -> bytes:
+    entries, offset = {"__metadata__": {"format": "pt"}}, 0
+    for n in safetensors_order(meta):
+        shape, dtype = meta[n]
+        size = math.prod(shape) * dtype.itemsize
+        entries[n] = {"dtype": ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def write_safetensors(path: Path, meta: dict, fetch):
+    """A safetensors file of the tensors {name: (shape, dtype)}: the header from shapes and dtypes alone, then each
+    tensor's bytes as fetch(name) returns it, so only one tensor is in memory at a time."""
+    if sys.byteorder != "little":
+        raise OSError(f"{path}: writing safetensors on a big-endian machine is not supported")
+    with open(path, "wb") as f:
+        f.write(safetensors_header(meta))
+        for n in safetensors_order(meta):
+            t = fetch(n).detach()
+            if (tuple(t.shape), t.dtype) != (tuple(meta[n][0]), meta[n][1]):
+                raise ValueError(f"{path}: tensor '{n}' is {t.dtype} {tuple(t.shape)}, its header says "
+                                 f"{meta[n][1]} {tuple(meta[n][0])}")
+            f.write(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            del t
 
 
 def replace_dir(tmp: Path, path: Path):
