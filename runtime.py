@@ -977,12 +977,13 @@ def memory_plan(models: dict, cfg, world: int, prompt_len: int) -> dict:
     biggest = max(a.vocab_size * a.dim for a, _ in models.values()) * 4 / world  # fp32 rows of the embedding
     total = sum(r["bytes"] for r in rows.values()) + gathered_b + kv + act + logits
     # the streamed export (export_hf): one parameter gathered whole in fp32 at a time on every rank (the largest is
-    # the embedding), and on rank 0 its cast to the export dtype too
+    # the embedding), and on rank 0 its cast to the export dtype too (none for fp32; "auto" counted as bf16)
     tensor = actor.vocab_size * actor.dim * 4
-    export = EXPORT_DTYPES[cfg.export_dtype].itemsize if getattr(cfg, "export_dtype", "auto") != "auto" else 4
+    out = EXPORT_DTYPES.get(getattr(cfg, "export_dtype", "auto"), torch.bfloat16)
+    export = tensor + (0 if out == torch.float32 else tensor // 4 * out.itemsize)
     return {"models": rows, "gathered_actor": gathered_b, "kv_cache": kv, "activations": act, "logits": logits,
             "total": total, "host_load_peak": biggest, "world": world, "export_other": tensor,
-            "export_rank0": tensor + tensor // 4 * export}
+            "export_rank0": export}
 
 
 def plan_text(plan: dict) -> str:

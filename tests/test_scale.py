@@ -197,6 +197,9 @@ def test_memory_plan_by_hand(tmp_path, capsys):
     assert plan["kv_cache"] == 4 * 2048 * 32 * 2 * 8 * 128 * 2 and plan["gathered_actor"] == 2 * n8
     assert plan["logits"] == 2 * 4 * 2048 * 128256 * 4
     assert f"{plan['total'] / 2**30:8.2f}" in text and "memory plan per GPU (8 GPUs)" in text
+    # the export: the fp32 embedding gathered whole, and on rank 0 its bf16 cast
+    assert plan["export_other"] == 4 * 128256 * 4096 and plan["export_rank0"] == 6 * 128256 * 4096
+    assert f"({plan['export_rank0'] / 2**30:.2f} GiB)" in text
 
 
 EXPORT_SCRIPT = textwrap.dedent("""
