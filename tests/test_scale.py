@@ -219,6 +219,12 @@ EXPORT_SCRIPT = textwrap.dedent("""
     runtime.export_hf(model, tok, out / "streamed", cfg)  # every rank gathers one tensor at a time
     full = runtime.full_state_dict(model)  # the old way: the whole model gathered on rank 0, then written
     if runtime.D.main:
+        from safetensors.torch import save_file
+
+        def whole_file(path, meta, fetch):  # and each file written by safetensors itself, all its tensors at once
+            save_file({{n: fetch(n) for n in meta}}, str(path), metadata={{"format": "pt"}})
+
+        hf.write_safetensors = whole_file
         extra = dict(tok.hf_files(), **{{"generation_config.json": tok.generation_config_json(),
                                          "train_config.json": runtime.config_json(cfg)}})
         hf.save_hf_checkpoint(hf.hf_state_dict(full, model.args), hf.config_from_args(model.args), out / "whole",
@@ -229,7 +235,7 @@ EXPORT_SCRIPT = textwrap.dedent("""
 
 def test_streamed_export_is_bitwise_the_whole_model_export(tmp_path):
     """Under 2-process gloo FSDP2 the streamed export writes, file by file, the bytes the old gather-everything-on-
-    rank-0 export wrote (several shards and the index); a bf16 input exports as bf16 by default."""
+    rank-0 export wrote with safetensors' own save_file (several shards and the index)."""
     src = tmp_path / "src"
     shutil.copytree(FIX / "llama_gqa", src)
     from hf import train_tokenizer
