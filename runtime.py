@@ -64,7 +64,6 @@ def init_dist(device: str) -> Dist:
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
-    if device == "cpu":
         fix_host_allocator()
     dist.init_process_group("nccl" if device == "cuda" else "gloo")
     D.rank, D.world, D.device = dist.get_rank(), dist.get_world_size(), dev
@@ -73,9 +72,9 @@ def init_dist(device: str) -> Dist:
 
 # FSDP on the host (gloo) gathers each block's weights, and frees them, at every forward and backward. glibc's malloc
 # raises its mmap threshold each time a big block is freed (up to 32 MB) and then serves such blocks from its heap,
-# which it cannot give back once fragmented: measured under 8-process gloo on a 351M model, 1.9 GB per rank after
-# one SFT step instead of 1.0 GB. A fixed threshold keeps every allocation of at least this many bytes in its own
-# mapping, handed back to the OS when freed. (Memory only: no number a run computes changes.)
+# which it cannot give back once fragmented: measured under 8-process gloo on a 351M model, 1.6-2.0 GiB per rank
+# after one SFT step instead of 1.0 GiB. A fixed threshold keeps every allocation of at least this many bytes in its
+# own mapping, handed back to the OS when freed. (Memory only: no number a run computes changes.)
 HOST_MMAP_THRESHOLD = 1 << 20
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 
