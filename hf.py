@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import struct
@@ -448,8 +447,9 @@ def _write_streamed(meta: dict, fetch, config: dict, tmp: Path, max_shard_bytes:
 
 # The safetensors file format, written here one tensor at a time (safetensors' own save_file takes every tensor of a
 # file at once): an 8-byte little-endian header length, the header as compact JSON padded with spaces to a multiple
-# of 8 bytes, then each tensor's bytes, C order, little-endian, back to back. Tensors are laid out by dtype
-# (descending alignment) then by name, and "__metadata__" comes first: save_file's bytes, exactly (tested).
+# of 8 bytes, then each tensor's bytes, C order, little-endian, back to back. Tensors are laid out in safetensors'
+# dtype order (F64, F32, BF16, F16: its Dtype enum, descending) then by name, and "__metadata__" comes first:
+# save_file's bytes, exactly (tested).
 ST_DTYPE_ORDER = ("F64", "F32", "BF16", "F16")  # the dtypes written here, in save_file's layout order
 ST_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -475,16 +475,23 @@ def write_safetensors(path: Path, meta: dict, fetch):
     """A safetensors file of the tensors {name: (shape, dtype)}: the header from shapes and dtypes alone, then each
     tensor's bytes as fetch(name) returns it, so only one tensor is in memory at a time."""
     if sys.byteorder != "little":
-        raise OSError(f"{path}: writing safetensors on a big-endian machine is not supported")
-    with open(path, "wb") as f:
-        f.write(safetensors_header(meta))
-        for n in safetensors_order(meta):
-            t = fetch(n).detach()
-            if (tuple(t.shape), t.dtype) != (tuple(meta[n][0]), meta[n][1]):
-                raise ValueError(f"{path}: tensor '{n}' is {t.dtype} {tuple(t.shape)}, its header says "
-                                 f"{meta[n][1]} {tuple(meta[n][0])}")
-            f.write(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-            del t
+        raise NotImplementedError(f"{path}: writing safetensors on a big-endian machine is not supported")
+    other = sorted({str(dt) for _, dt in meta.values() if dt not in ST_NAMES})
+    if other:
+        raise ValueError(f"{path}: cannot write {', '.join(other)} tensors; exports hold fp32, bf16, fp16 or fp64")
+    header = safetensors_header(meta)
+    try:
+        with open(path, "wb") as f:
+            f.write(header)
+            for n in safetensors_order(meta):
+                t = fetch(n).detach()
+                if (tuple(t.shape), t.dtype) != (tuple(meta[n][0]), meta[n][1]):
+                    raise ValueError(f"{path}: tensor '{n}' is {t.dtype} {tuple(t.shape)}, its header says "
+                                     f"{meta[n][1]} {tuple(meta[n][0])}")
+                f.write(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+                del t
+    except OSError as e:  # a write's error carries no file name: give it this one
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def replace_dir(tmp: Path, path: Path):

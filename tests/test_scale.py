@@ -199,7 +199,7 @@ def test_memory_plan_by_hand(tmp_path, capsys):
     assert f"{plan['total'] / 2**30:8.2f}" in text and "memory plan per GPU (8 GPUs)" in text
     # the export: the fp32 embedding gathered whole, and on rank 0 its bf16 cast
     assert plan["export_other"] == 4 * 128256 * 4096 and plan["export_rank0"] == 6 * 128256 * 4096
-    assert f"({plan['export_rank0'] / 2**30:.2f} GiB)" in text
+    assert f"({plan['export_rank0'] / 2**30:.2f} GiB with it)" in text
 
 
 EXPORT_SCRIPT = textwrap.dedent("""
@@ -258,8 +258,9 @@ def test_streamed_export_is_bitwise_the_whole_model_export(tmp_path):
 
 def test_write_safetensors_is_bitwise_save_file(tmp_path):
     """The tensor-at-a-time writer gives safetensors.save_file's bytes, for every dtype it writes (laid out by dtype,
-    then name), 0-d and empty tensors, and names that sort differently as bytes and as layer numbers; each tensor is
-    fetched exactly once, and a tensor that is not what the header promised is refused."""
+    then name), 0-d and empty tensors, names that sort differently as bytes and as layer numbers, non-ASCII names;
+    each tensor is fetched exactly once; a tensor that is not what the header promised, or a dtype it does not
+    write, is refused."""
     from safetensors.torch import load_file, save_file
 
     g = torch.Generator().manual_seed(0)
@@ -267,6 +268,7 @@ def test_write_safetensors_is_bitwise_save_file(tmp_path):
               "z": torch.randn(2, 2, generator=g).half(), "m": torch.randn(7, generator=g).double(),
               "empty": torch.zeros(0, 3), "scalar": torch.tensor(1.5)},
              {f"model.layers.{i}.w": torch.randn(i + 1, 3, generator=g).bfloat16() for i in range(12)},
+             {"café.weight": torch.randn(2, generator=g), "ëmbed": torch.randn(3, generator=g).half()},
              {"x": torch.randn(1, generator=g)}]
     for i, tensors in enumerate(cases):
         save_file(tensors, tmp_path / f"ref{i}.safetensors", metadata={"format": "pt"})
@@ -278,6 +280,9 @@ def test_write_safetensors_is_bitwise_save_file(tmp_path):
         assert all(torch.equal(v, tensors[k]) for k, v in load_file(tmp_path / f"ours{i}.safetensors").items())
     with pytest.raises(ValueError, match="tensor 'x' is torch.float32 \\(1,\\), its header says torch.float32 \\(2,\\)"):
         hf.write_safetensors(tmp_path / "bad.safetensors", {"x": ((2,), torch.float32)}, lambda n: torch.zeros(1))
+    with pytest.raises(ValueError, match="cannot write torch.int64 tensors; exports hold fp32, bf16, fp16 or fp64"):
+        hf.write_safetensors(tmp_path / "int.safetensors", {"i": ((2,), torch.int64)}, lambda n: torch.zeros(2).long())
+    assert not (tmp_path / "int.safetensors").exists()
 
 
 def test_bf16_in_bf16_out(tmp_path):
@@ -326,7 +331,8 @@ SFT_SCRIPT = textwrap.dedent("""
 
     def export_and_mark(model, tok, path, cfg):
         marks["trained"], marks["rss_before_export"] = status("VmHWM"), status("VmRSS")
-        open("/proc/self/clear_refs", "w").write("5")  # the peak so far := now, so the export's own peak shows
+        with open("/proc/self/clear_refs", "w") as f:  # the peak so far := now, so the export's own peak shows
+            f.write("5")
         real_export(model, tok, path, cfg)
         marks["export_peak"] = status("VmHWM")
         full = runtime.full_state_dict(model)  # after the measurement: the fp32 master weights, on rank 0
