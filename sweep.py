@@ -1,7 +1,7 @@
 """The sample-efficiency experiment: does RTO's dense token reward let PPO learn more from each sample?
 
     python sweep.py --quick                 # a reduced grid into runs/sweep_quick, under 5 minutes on 2 CPU cores
-    python sweep.py                         # the full grid (5 seeds), about an hour on 2 CPU cores
+    python sweep.py                         # the full grid (5 seeds), about 20 minutes on 2 idle CPU cores
     python sweep.py --out runs/sweep        # rerun: finished runs are kept, a half-finished one is redone
     python sweep.py --estimators gae,rloo,grpo,rloo-token   # also without a critic (the README's table)
 
@@ -61,7 +61,7 @@ class SweepConfig:
     estimators: str = "gae"  # advantage estimators (ppo.ESTIMATORS); beyond gae each runs --algos at the full budget
     samples_per_prompt: int = 4  # responses per prompt for the critic-free estimators (a rollout keeps batch_size
     # responses, so they see batch_size / samples_per_prompt prompts per rollout, the same number of samples)
-    quick: bool = False  # 2 seeds, budgets 1/4 and 1, 16 full-budget rollouts, one ablation: minutes, not an hour
+    quick: bool = False  # 2 seeds, budgets 1/4 and 1, 16 full-budget rollouts, one ablation: 2 minutes
     device: str = "auto"
 
     def __post_init__(self):
