@@ -73,7 +73,7 @@ def init_dist(device: str) -> Dist:
 # FSDP on the host (gloo) gathers each block's weights, and frees them, at every forward and backward. glibc's malloc
 # raises its mmap threshold each time a big block is freed (up to 32 MB) and then serves such blocks from its heap,
 # which it cannot give back once fragmented: measured under 8-process gloo on a 351M model, 1.6-2.0 GiB per rank
-# after one SFT step instead of 1.0 GiB (one malloc arena instead of many does not help: 1.9-2.2). A fixed threshold
+# after one SFT step instead of 1.0 GiB (one malloc arena instead of many does not help: 1.8-2.1). A fixed threshold
 # keeps every allocation of at least this many bytes in its own mapping, handed back to the OS when freed. Memory
 # only, no number a run computes changes; speed: that SFT step ran at 5.9 tokens/s with it, 4.4 without, and the
 # 2-process tests take the same time (71 s, 70 s). A single process, which gathers nothing, keeps glibc's default:
@@ -91,7 +91,7 @@ def fix_host_allocator():
 
     try:
         ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, HOST_MMAP_THRESHOLD)
-    except (OSError, AttributeError, TypeError):  # no mallopt (macOS, musl's is a no-op), no CDLL(None) (Windows)
+    except (OSError, AttributeError, TypeError):  # no mallopt (macOS), no CDLL(None) (Windows); musl's does nothing
         pass
 
 
