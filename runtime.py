@@ -830,23 +830,33 @@ def lock_is_live(other: dict, me: dict) -> bool:
     return pid_alive(pid) and pid != me["pid"] and (start is None or proc_start(pid) == start)
 
 
-def proc_start(pid: int) -> str | None:
-    """The start time of a process (/proc/<pid>/stat field 22, clock ticks since boot): with the pid, it tells a
-    process from a later one that reuses its pid. None where /proc is not there."""
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first), or None where there is no such file."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
 
 
+def proc_start(pid: int) -> str | None:
+    """The start time of a process (/proc/<pid>/stat field 22, clock ticks since boot): with the pid, it tells a
+    process from a later one that reuses its pid. None where /proc is not there."""
+    fields = proc_stat(pid)
+    return fields[19] if fields and len(fields) > 19 else None
+
+
 def pid_alive(pid: int) -> bool:
+    """pid is a running process. A zombie is not: it was killed, or has exited, and its parent has not reaped it
+    yet (a run killed with its launcher can stay one for as long as the container's init leaves it); its locks
+    are already free."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, another user's
-        return True
-    return True
+        pass
+    fields = proc_stat(pid)
+    return not (fields and fields[0] == "Z")
 
 
 def release_locks(ok: bool):

@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -431,6 +432,28 @@ def test_own_pid_or_a_reused_pid_is_a_stale_lock(ws, capsys):
         assert json.loads((out / "run.lock").read_text())["start"] == runtime.proc_start(os.getpid())
         runtime.release_locks(True)
         assert not (out / "run.lock").exists()
+
+
+def test_a_zombie_holders_lock_is_stale(ws, capsys):
+    """A run killed together with its launcher leaves its workers as zombies until someone reaps them (in a
+    container, maybe never): the pid still answers kill(pid, 0), but the process is gone and its flock free."""
+    import runtime
+
+    out = ws / "cases" / "zombie"
+    out.mkdir(parents=True)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 60
+    while (runtime.proc_stat(child.pid) or ["?"])[0] != "Z":  # exited, not reaped: a zombie
+        assert time.monotonic() < deadline, "the child did not exit"
+        time.sleep(0.01)
+    (out / "run.lock").write_text(json.dumps({"pid": child.pid, "host": socket.gethostname(),
+                                              "start": runtime.proc_start(child.pid)}))
+    try:
+        runtime.take_lock(out)
+        assert f"left by pid {child.pid}, which is no longer running; taking it over" in capsys.readouterr().out
+        runtime.release_locks(True)
+    finally:
+        child.wait()
 
 
 def test_lock_is_held_during_the_run_and_released(ws, monkeypatch):
