@@ -303,10 +303,10 @@ def random_checkpoints(s, out: Path, dtype) -> dict:
     """A policy and a reward model of the preset's shape (random weights, the checkpoint dtype), a small trained
     tokenizer (ids inside the model's vocabulary), and prompts: what a PPO run needs."""
     import hf
-    from data import WordTask
+    from task import WordTask, train_tokenizer
 
     task = WordTask(seed=0)
-    tok = hf.train_tokenizer(task.corpus(), vocab_size=300)
+    tok = train_tokenizer(task.corpus(), vocab_size=300)
     paths = {"policy": out / "ckpt_policy", "rm": out / "ckpt_rm"}
     torch.manual_seed(0)
     for key, head in (("policy", "lm"), ("rm", "score")):
@@ -326,7 +326,9 @@ def random_checkpoints(s, out: Path, dtype) -> dict:
 def bench_ppo(s, device, dtype, peak, out, no_reference):
     """A short `train.py ppo --algo rto` (--bf16 on a GPU) on random checkpoints of the preset's shape: the time split,
     tokens/s, the peak memory against the memory plan's figure, and first_logp_dev in bf16 compute."""
+    import cli
     import train
+    from memory import checkpoint_plan
 
     paths = random_checkpoints(s, out, dtype)
     run = out / "ppo_run"
@@ -335,13 +337,13 @@ def bench_ppo(s, device, dtype, peak, out, no_reference):
             "--max_steps", str(s["ppo_steps"]), "--rollout_batch_size", str(s["ppo_rollout"]),
             "--batch_size", str(s["ppo_rollout"]), "--micro_batch_size", str(s["ppo_micro"]),
             "--max_prompt_len", str(s["ppo_len"]), "--max_response_len", str(s["ppo_len"]), "--no-progress",
-            "--device", device.type] + (["--bf16", "--activation_checkpointing"] if device.type == "cuda" else [])
+            "--device", device.type, "--allow_ref_mismatch"] + (["--bf16", "--activation_checkpointing"] if device.type == "cuda" else [])
     import shutil
     shutil.rmtree(run, ignore_errors=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    cfg, _ = train.parse_args(argv)
-    plan = train.ppo_plan(cfg, train.ppo_slots(cfg))
+    cfg, _ = cli.parse_command(argv, train.commands(), "", default="all")
+    plan = checkpoint_plan(train.ppo_slots(cfg), cfg, 1)
     train.main(argv)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     later = rows[1:] or rows  # the first step pays for warm-up

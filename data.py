@@ -1,22 +1,24 @@
-"""Data for every stage: the batch layout, JSONL readers that name the file, line and key of a mistake, and
-the built-in tasks whose true per-token reward is known.
+"""Data for every stage: the one batch layout, JSONL readers that name the file, line and key of a mistake, and the
+encoding of rows into token ids with the checks that they fit.
 
     batch = collate(prompts, responses, pad_id)   # the one batch layout, below
     rows = read_sft("sft.jsonl")                  # list[SFTRow]; read_preferences, read_prompts
-    task = WordTask(seed=0, **TASKS["credit"])    # gold_reward(prompt, response), write_data(...)
+    ids = encode_rows(rows, lambda r: ..., tok)   # a template's refusal named with the row's file and line
 
-The token ids come from hf.Tokenizer (the checkpoint's own tokenizer, special tokens and chat template).
-WordTask is the built-in demo: a toy "write words about a topic" task whose true reward is a known
-sum of per-word scores, so SFT -> DPO -> RM -> PPO can be judged against the true per-token reward.
+The token ids come from hf.Tokenizer (the checkpoint's own tokenizer, special tokens and chat template); the
+built-in task's data is written by task.py in these same formats.
 """
 import dataclasses
 import json
-import math
+import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import numpy as np
+import math
+
 import torch
+
+from checks import UserError
+from parallel import D, all_sum, print0, to_device
 
 # -----------------------------------------------------------------------------
 # The batch layout. Every stage uses one: prompts LEFT-padded to a common width P, responses RIGHT-padded to
@@ -25,7 +27,7 @@ import torch
 #     [pad pad p1 p2 p3 | r1 r2 EOS pad]      input_ids, attention_mask (B, P+R); response_mask (B, R)
 #
 # Left padding puts every prompt's last token in column P-1, so generation starts in the same column for every
-# row, and the response token in column P+j is predicted by the logits in column P+j-1 (train.response_logprobs).
+# row, and the response token in column P+j is predicted by the logits in column P+j-1 (ppo.response_logprobs).
 # Position ids are cumsum(mask) - 1 (model.Llama.forward), so padding never changes a row's logits.
 
 
@@ -278,174 +280,6 @@ def read_prompts(path) -> list[PromptRow]:
     return rows
 
 
-# -----------------------------------------------------------------------------
-# WordTask: a synthetic task with a known per-token reward
-
-TOPIC_NAMES = ["cats", "ships", "music", "rain", "forest", "bread", "stars", "trains",
-               "gold", "snow", "chess", "bees", "clocks", "rivers", "salt", "kites"]
-WORDS = ["red", "blue", "green", "big", "small", "fast", "slow", "warm", "cold", "soft",
-         "hard", "old", "new", "dark", "light", "loud", "quiet", "sweet", "sour", "sharp",
-         "round", "tall", "short", "wild", "calm", "bright", "dull", "fresh", "dry", "wet",
-         "happy", "sad", "brave", "shy", "proud", "kind", "tiny", "huge", "early", "late",
-         "rich", "poor", "clean", "dirty", "heavy", "empty", "full", "thin", "thick", "deep",
-         "flat", "smooth", "rough", "plain", "fancy", "lucky", "busy", "lazy", "noisy", "golden",
-         "silver", "pink", "gray", "brown"]
-
-
-# The built-in tasks, by name (train.py --task, sweep.py). "words": short responses, the 45-second demo.
-# "credit": responses of 24-48 words whose gold reward is a sum of context-dependent per-word terms, and noisy
-# labels (label_temperature 3: a labeller that often prefers the worse response), so a sequence-level RM trained on
-# a few thousand pairs is imperfect, as real ones are, and credit assignment over ~40 tokens matters.
-TASKS = {
-    "words": dict(),
-    "credit": dict(n_topics=8, min_words=24, max_words=48, target_words=36, length_cost=0.5, pair_weight=0.5,
-                   label_temperature=3.0),
-}
-
-
-def _sigmoid(x):
-    # split by sign so exp never overflows
-    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
-
-
-@dataclass
-class WordTask:
-    """Prompt "topic <name>"; response: space-separated words. The gold reward of n words is
-
-        sum_i (scores[topic, w_i] + pair_weight * pairs[w_{i-1}, w_i])  -  length_cost * |n - target_words|
-
-    (pairs: a context term, how well a word follows the one before it; 0 for the first word and with the
-    default pair_weight 0)
-
-    a sum of per-word terms plus a constant: word i earns scores[topic, w_i] + length_cost while
-    i < target_words and scores[topic, w_i] - length_cost after, on top of -length_cost * target_words.
-    That is the true per-token reward when each word is one token, which the tokenizer trained on
-    corpus() makes sure of. The length term has a target, not only a cost: with a pure per-word cost the
-    empty response beats the average one, and PPO against a small learned RM collapses onto it."""
-    seed: int = 0  # seeds the score table
-    n_topics: int = 4  # number of distinct prompts "topic <name>"
-    n_words: int = 48  # response vocabulary size (first n_words of WORDS)
-    min_words: int = 2  # neutral response length range, inclusive
-    max_words: int = 10
-    length_cost: float = 0.5  # gold reward pays this per word of distance from target_words
-    target_words: int = 6  # the length the gold reward prefers (0: a plain per-word cost)
-    unknown_word_score: float = -2.0  # score of a generated word not in the vocabulary
-    pair_weight: float = 0.0  # weight of the context term pairs[previous word, word] (0: words score alone)
-    label_temperature: float = 1.0  # preference labels: P(a preferred) = sigmoid((gold(a) - gold(b)) / this)
-    topics: list = field(init=False, repr=False)
-    words: list = field(init=False, repr=False)
-    scores: np.ndarray = field(init=False, repr=False)  # (n_topics, n_words) ~ N(0, 1)
-
-    def __post_init__(self):
-        if not 1 <= self.n_topics <= len(TOPIC_NAMES):
-            raise ValueError(f"n_topics must be in [1, {len(TOPIC_NAMES)}], got {self.n_topics}")
-        if not 1 <= self.n_words <= len(WORDS):
-            raise ValueError(f"n_words must be in [1, {len(WORDS)}], got {self.n_words}")
-        if not 1 <= self.min_words <= self.max_words:
-            raise ValueError(f"need 1 <= min_words <= max_words, got {self.min_words}, {self.max_words}")
-        self.topics = TOPIC_NAMES[:self.n_topics]
-        self.words = WORDS[:self.n_words]
-        self._word_index = {w: i for i, w in enumerate(self.words)}
-        rng = np.random.default_rng(self.seed)
-        self.scores = rng.standard_normal((self.n_topics, self.n_words))
-        # drawn after scores, so the default task's table is what it always was
-        self.pairs = rng.standard_normal((self.n_words, self.n_words)) if self.pair_weight else None
-
-    def spec(self) -> dict:
-        """The fields that define the task (its table follows from them): what task.json holds (load_task)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
-
-    def prompt_text(self, topic: int) -> str:
-        return f"topic {self.topics[topic]}"
-
-    def sample_prompt(self, rng: np.random.Generator) -> str:
-        return self.prompt_text(int(rng.integers(self.n_topics)))
-
-    def sample_response(self, rng: np.random.Generator) -> str:
-        """The neutral distribution: length uniform in [min_words, max_words], words uniform."""
-        n = int(rng.integers(self.min_words, self.max_words + 1))
-        return " ".join(self.words[int(i)] for i in rng.integers(self.n_words, size=n))
-
-    def topic_of(self, prompt) -> int:
-        """Topic index of a prompt: "topic <name>", or a message list whose last message is that."""
-        if isinstance(prompt, list):
-            prompt = prompt[-1]["content"]
-        parts = prompt.split()
-        if len(parts) != 2 or parts[0] != "topic" or parts[1] not in self.topics:
-            raise ValueError(f"not a WordTask prompt: {prompt!r}")
-        return self.topics.index(parts[1])
-
-    def word_rewards(self, prompt, response: str) -> list[float]:
-        """One true reward term per whitespace word: scores[topic, word] + pair_weight * pairs[previous word, word]
-        +- length_cost (+ before the target length, - after). gold_reward = sum of these - length_cost *
-        target_words."""
-        t = self.topic_of(prompt)
-        out, prev = [], None
-        for w in response.split():
-            i = self._word_index.get(w)
-            score = float(self.scores[t, i]) if i is not None else self.unknown_word_score
-            if self.pairs is not None and i is not None and prev is not None:
-                score += self.pair_weight * float(self.pairs[prev, i])
-            out.append(score + (self.length_cost if len(out) < self.target_words else -self.length_cost))
-            prev = i
-        return out
-
-    def gold_reward(self, prompt, response: str) -> float:
-        return float(sum(self.word_rewards(prompt, response))) - self.length_cost * self.target_words
-
-    def _pair(self, rng):
-        """A preference pair labelled by Bradley-Terry: P(a preferred) = sigmoid(gold(a) - gold(b))."""
-        prompt = self.sample_prompt(rng)
-        a = self.sample_response(rng)
-        b = self.sample_response(rng)
-        while b == a:  # an identical pair carries no preference signal
-            b = self.sample_response(rng)
-        p_a = _sigmoid((self.gold_reward(prompt, a) - self.gold_reward(prompt, b)) / self.label_temperature)
-        chosen, rejected = (a, b) if rng.random() < p_a else (b, a)
-        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-
-    def write_data(self, out_dir, n_sft: int, n_pref: int, n_prompts: int, n_eval: int, rng_seed) -> dict[str, Path]:
-        """Write sft / prefs / prompts / eval_prefs / eval_prompts .jsonl under out_dir; returns their paths."""
-        rng = np.random.default_rng(rng_seed)
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        rows = {
-            "sft": [{"prompt": self.sample_prompt(rng), "response": self.sample_response(rng)} for _ in range(n_sft)],
-            "prefs": [self._pair(rng) for _ in range(n_pref)],
-            "prompts": [{"prompt": self.sample_prompt(rng)} for _ in range(n_prompts)],
-            "eval_prefs": [self._pair(rng) for _ in range(n_eval)],
-            "eval_prompts": [{"prompt": self.sample_prompt(rng)} for _ in range(n_eval)],
-        }
-        paths = {}
-        for name, objs in rows.items():
-            paths[name] = out_dir / f"{name}.jsonl"
-            with open(paths[name], "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(o) + "\n" for o in objs)
-        return paths
-
-    def corpus(self) -> list[str]:
-        """Texts for the tokenizer: every prompt in the plain format, and every word the way a response
-        holds it (" word"). The corpus is tiny, so a ~512 vocab has room for a merge up to each whole
-        piece: every word becomes one token and per-word rewards are per-token rewards."""
-        prompts = [f"user: {self.prompt_text(t)}\nassistant:" for t in range(self.n_topics)]
-        return prompts + [" " + " ".join(self.words)]
-
-
-def load_task(spec: str, seed: int = 0) -> WordTask:
-    """A built-in task by name (data.TASKS, with the seed of its table) or from a task.json (WordTask.spec(), as
-    `train.py all` writes it under <out>/data: the seed and any overrides included)."""
-    if spec in TASKS:
-        return WordTask(seed=seed, **TASKS[spec])
-    path = Path(spec)
-    if not path.is_file():
-        raise DataError(f"--task {spec!r}: neither a built-in task ({', '.join(TASKS)}) nor a task.json file")
-    try:
-        fields = json.loads(path.read_text(encoding="utf-8"))
-        return WordTask(**fields)
-    except (ValueError, TypeError) as e:
-        raise DataError(f"{path}: not a task description ({e})") from None
-
-
 def row_texts(row) -> list[str]:
     """Every text of a data row (message contents, responses), for checks that look at the words themselves."""
     out = []
@@ -463,3 +297,77 @@ def row_texts(row) -> list[str]:
         if f.name != "where":
             walk(getattr(row, f.name))
     return out
+
+
+# -----------------------------------------------------------------------------
+# Rows -> token ids, and the checks that they fit
+
+
+def encode_rows(rows, encode, tok):
+    """encode(row) for every data row, a template's refusal named with the row's file and line. Text that spells a
+    special token ("<|eot_id|>" inside a message) becomes that control token, as transformers tokenizes it too:
+    legal, but rarely meant, so the first such row is named in a warning."""
+    texts = tok.special_texts()
+    specials = re.compile("|".join(map(re.escape, texts))) if texts else None
+    out, odd = [], []
+    for r in rows:
+        try:
+            out.append(encode(r))
+        except DataError as e:
+            raise DataError(f"{r.where}: {e}") from None
+        found = next((m.group(0) for text in row_texts(r) if specials and (m := specials.search(text))), None)
+        if found is not None:
+            odd.append((r.where, found))
+    if odd:
+        print0(f"warning: {odd[0][0]}: the text holds {odd[0][1]!r}, which the tokenizer reads as that special token "
+               f"(a control token mid-text; transformers does the same); {len(odd)} of {len(rows)} rows do")
+    return out
+
+
+def check_context(rows, seqs, max_seq_len: int):
+    """Every example must fit the model's context (config.json max_position_embeddings); name the first that
+    does not. seqs: per row, the id lists that are concatenated into one sequence."""
+    for r, parts in zip(rows, seqs):
+        n = max(len(parts[0]) + len(p) for p in parts[1:])
+        if n > max_seq_len:
+            raise UserError(f"{r.where}: prompt + response is {n} tokens, more than the model's context of "
+                            f"{max_seq_len} (config.json max_position_embeddings): lower --max_prompt_len or "
+                            f"--max_response_len")
+
+
+def check_pairs(rows, pairs, path: str):
+    """A pair whose chosen and rejected responses are the same ids carries no preference; all of them: an error."""
+    same = [r.where for r, (_, c, rj) in zip(rows, pairs) if c == rj]
+    if len(same) == len(pairs):
+        raise UserError(f"{path}: in every pair the chosen and rejected responses are identical (after tokenizing): "
+                        f"nothing to learn from")
+    if same:
+        print0(f"warning: {len(same)} of {len(pairs)} pairs have identical chosen and rejected responses "
+               f"(first: {same[0]}); they add nothing but a constant to the loss")
+
+
+def chunks(xs: list, size: int) -> list[list]:
+    """xs in consecutive pieces of `size` (the last may be shorter): micro-batches of row indices."""
+    return [xs[i:i + size] for i in range(0, len(xs), size)]
+
+
+def pair_batch(pairs, tok) -> dict:
+    """Id triples (prompt, chosen, rejected) -> one batch: [chosen rows; rejected rows], the same prompt layout for both
+    halves (one forward pass scores both), on this rank's device."""
+    prompts = [p for p, _, _ in pairs]
+    return to_device(collate(prompts + prompts, [c for _, c, _ in pairs] + [r for _, _, r in pairs], tok.pad_id))
+
+
+@torch.no_grad()
+def pair_values(fn, pairs, tok, micro: int) -> torch.Tensor:
+    """(n, 2) values [chosen, rejected] of every pair, fn(batch) -> (2k,) for a pair batch of k. Each rank
+    computes every world-th pair and all ranks receive the whole table."""
+    n = len(pairs)
+    out = torch.zeros(n, 2, dtype=torch.float64, device=D.device)
+    mine = list(range(D.rank, n, D.world))
+    for k in range(math.ceil(math.ceil(n / D.world) / micro)):  # the same number of forwards on every rank (FSDP)
+        idx = mine[k * micro:(k + 1) * micro]
+        v = fn(pair_batch([pairs[i] for i in idx or [0]], tok)).double()
+        if idx:
+            out[idx, 0], out[idx, 1] = v[:len(idx)], v[len(idx):]
+    return all_sum(out)

@@ -2,13 +2,16 @@
 TDPO. Each is a small pure function of per-pair tensors (B,); `LOSSES` names what each needs and
 `preference_loss` dispatches, so train.run_dpo computes only those inputs.
 
-Stage 2 of the pipeline (README): DPO on preference pairs, starting from pi_sft with pi_sft as the
+Stage 2 of the pipeline (train.run_dpo): DPO on preference pairs, starting from pi_sft with pi_sft as the
 reference, gives pi_dpo, whose log-ratio to pi_ref is RTO's token reward (rto.py).
 """
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from ppo import logprobs_from_logits, response_logprobs
 
 
 def sequence_logps(logp, mask):
@@ -32,7 +35,7 @@ def dpo_loss(pol_chosen, pol_rejected, ref_chosen, ref_rejected, beta: float,
     Returns (loss, metrics): detached scalar tensors chosen_reward = mean beta * (pol_chosen -
     ref_chosen), rejected_reward, accuracy (fraction with chosen_reward > rejected_reward, strict:
     0 at step 0 where policy == reference) and margin (mean chosen - rejected reward).
-    At step 0 the sigmoid loss is exactly log 2 and both rewards 0 (README, "Known traps").
+    At step 0 the sigmoid loss is exactly log 2 and both rewards 0 (docs/algorithm.md, "Known traps").
     """
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
@@ -121,6 +124,26 @@ def sequential_kl(logits_ref, logits_pol, mask):
     return torch.stack(out)
 
 
+def summed_logps(model):
+    """batch -> (B,) summed response log-probs under model (DPO's log pi(y|x))."""
+    return lambda b: sequence_logps(response_logprobs(model, b), b["response_mask"])
+
+
+def pair_logps_and_kl(model, ref_model, b: dict):
+    """The policy's summed response log-probs (2k,) of a pair batch and, with a reference model (TDPO), each row's
+    sequential KL(pi_ref || pi) over the full vocabulary (2k,), from the reference's logits of this micro-batch
+    only (never a (B, T, V) cache of the data set)."""
+    if ref_model is None:
+        return summed_logps(model)(b), None
+    P = b["prompt_len"]
+    logits = model(b["input_ids"], b["attention_mask"])[:, P - 1:-1]
+    logp = logprobs_from_logits(logits, b["input_ids"][:, P:])
+    with torch.no_grad():
+        ref_logits = ref_model(b["input_ids"], b["attention_mask"])[:, P - 1:-1]
+    return (sequence_logps(logp, b["response_mask"]),
+            sequential_kl(ref_logits, logits, b["response_mask"]))
+
+
 def tdpo_loss(pol_chosen, pol_rejected, ref_chosen, ref_rejected, kl_chosen, kl_rejected, beta: float = 0.1,
               alpha: float = 0.5, variant: int = 2):
     """TDPO (Zeng et al. 2024, "Token-level Direct Preference Optimization", eqs. 19-20): DPO with the difference of
@@ -142,42 +165,61 @@ def tdpo_loss(pol_chosen, pol_rejected, ref_chosen, ref_rejected, kl_chosen, kl_
                                    beta * (pol_rejected - ref_rejected + kl_rejected))
 
 
+def pair_inputs(pol, kl, ref, lengths) -> dict:
+    """preference_loss's inputs x for k pairs: pol (2k,) the policy's summed log-probs [chosen; rejected], kl (2k,)
+    or None the sequential KL of the same rows, ref (k, 2) or None the reference's [chosen, rejected], lengths (k, 2)
+    the response lengths in tokens."""
+    k = pol.shape[0] // 2
+    x = {"pol_chosen": pol[:k], "pol_rejected": pol[k:], "len_chosen": lengths[:, 0], "len_rejected": lengths[:, 1]}
+    if ref is not None:
+        x.update(ref_chosen=ref[:, 0].to(pol.dtype), ref_rejected=ref[:, 1].to(pol.dtype))
+    if kl is not None:
+        x.update(kl_chosen=kl[:k], kl_rejected=kl[k:])
+    return x
+
+
 @dataclass(frozen=True)
 class Loss:
     """One row of train.py's --loss_type: the inputs it needs beyond the policy's summed log-probs (the reference's
-    summed log-probs, response lengths, the sequential KL against the reference), and whether its log-ratio to the
-    reference is an implicit reward RTO can use as a token reward."""
+    summed log-probs, response lengths, the sequential KL against the reference), whether its log-ratio to the
+    reference is an implicit reward RTO can use as a token reward, and fn(x, hp) -> (loss, metrics), x as pair_inputs
+    builds it, hp every DPOConfig field by name (a loss's own hyper-parameter is one field there)."""
     ref: bool
     lengths: bool
     kl: bool
     token_reward: bool
+    fn: Callable
 
 
+def _dpo(loss_type):
+    return lambda x, hp: dpo_loss(x["pol_chosen"], x["pol_rejected"], x["ref_chosen"], x["ref_rejected"], hp["beta"],
+                                  hp["label_smoothing"], loss_type)
+
+
+def _tdpo(variant):
+    return lambda x, hp: tdpo_loss(x["pol_chosen"], x["pol_rejected"], x["ref_chosen"], x["ref_rejected"],
+                                   x["kl_chosen"], x["kl_rejected"], hp["beta"], hp["tdpo_alpha"], variant)
+
+
+# Adding a preference loss is its function above plus one entry here (and a field in train.DPOConfig for any
+# hyper-parameter of its own).
 LOSSES = {
-    "sigmoid": Loss(ref=True, lengths=False, kl=False, token_reward=True),   # DPO (+ cDPO with label smoothing)
-    "ipo": Loss(ref=True, lengths=False, kl=False, token_reward=True),
-    "rdpo": Loss(ref=True, lengths=True, kl=False, token_reward=True),
-    "simpo": Loss(ref=False, lengths=True, kl=False, token_reward=False),    # no reference: no implicit log-ratio
-    "tdpo1": Loss(ref=True, lengths=False, kl=True, token_reward=True),
-    "tdpo2": Loss(ref=True, lengths=False, kl=True, token_reward=True),
+    "sigmoid": Loss(ref=True, lengths=False, kl=False, token_reward=True, fn=_dpo("sigmoid")),  # DPO (+ cDPO)
+    "ipo": Loss(ref=True, lengths=False, kl=False, token_reward=True, fn=_dpo("ipo")),
+    "rdpo": Loss(ref=True, lengths=True, kl=False, token_reward=True, fn=lambda x, hp: rdpo_loss(
+        x["pol_chosen"], x["pol_rejected"], x["ref_chosen"], x["ref_rejected"], x["len_chosen"], x["len_rejected"],
+        hp["beta"], hp["rdpo_alpha"])),
+    "simpo": Loss(ref=False, lengths=True, kl=False, token_reward=False, fn=lambda x, hp: simpo_loss(  # no reference
+        x["pol_chosen"], x["pol_rejected"], x["len_chosen"], x["len_rejected"], hp["beta"], hp["simpo_gamma"])),
+    "tdpo1": Loss(ref=True, lengths=False, kl=True, token_reward=True, fn=_tdpo(1)),
+    "tdpo2": Loss(ref=True, lengths=False, kl=True, token_reward=True, fn=_tdpo(2)),
 }
 
 
 def preference_loss(loss_type: str, x: dict, hp: dict):
-    """The loss of one batch of pairs. x: pol_chosen, pol_rejected (B,) and, as LOSSES says, ref_chosen/ref_rejected,
-    len_chosen/len_rejected, kl_chosen/kl_rejected. hp: beta, label_smoothing, rdpo_alpha, simpo_gamma, tdpo_alpha.
-    Returns (loss, metrics) as dpo_loss does."""
-    pc, pr = x["pol_chosen"], x["pol_rejected"]
-    if loss_type in ("sigmoid", "ipo"):
-        return dpo_loss(pc, pr, x["ref_chosen"], x["ref_rejected"], hp["beta"], hp["label_smoothing"], loss_type)
-    if hp["label_smoothing"] != 0.0:
+    """The loss of one batch of pairs, LOSSES[loss_type].fn(x, hp). Returns (loss, metrics) as dpo_loss does."""
+    if loss_type not in LOSSES:
+        raise ValueError(f"unknown loss_type {loss_type!r}: choose one of {', '.join(LOSSES)}")
+    if loss_type not in ("sigmoid", "ipo") and hp.get("label_smoothing", 0.0) != 0.0:
         raise ValueError(f"label_smoothing applies to loss_type='sigmoid' only, not {loss_type!r}")
-    if loss_type == "rdpo":
-        return rdpo_loss(pc, pr, x["ref_chosen"], x["ref_rejected"], x["len_chosen"], x["len_rejected"], hp["beta"],
-                         hp["rdpo_alpha"])
-    if loss_type == "simpo":
-        return simpo_loss(pc, pr, x["len_chosen"], x["len_rejected"], hp["beta"], hp["simpo_gamma"])
-    if loss_type in ("tdpo1", "tdpo2"):
-        return tdpo_loss(pc, pr, x["ref_chosen"], x["ref_rejected"], x["kl_chosen"], x["kl_rejected"], hp["beta"],
-                         hp["tdpo_alpha"], int(loss_type[-1]))
-    raise ValueError(f"unknown loss_type {loss_type!r}: choose one of {', '.join(LOSSES)}")
+    return LOSSES[loss_type].fn(x, hp)

@@ -24,7 +24,6 @@ import threading
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
 
 import tokenizers
 import torch
@@ -317,6 +316,7 @@ def plan_load(path, head: str | None = None) -> tuple[ModelArgs, dict[str, Sourc
 
 
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --export_dtype
 
 
 def read_source(src: Source, rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -949,22 +949,3 @@ class Tokenizer:
     def special_texts(self) -> list[str]:
         """The texts the tokenizer reads as special tokens wherever they appear ("<|eot_id|>", "</s>", ...)."""
         return sorted(t.content for t in self.tk.get_added_tokens_decoder().values() if t.special and t.content)
-
-
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """Byte-level BPE trained on texts, with special tokens <|bos|>, <|eos|>, <|pad|> (ids 0, 1, 2).
-    Byte level means any text encodes and decodes back exactly (no unknown token)."""
-    tk = tokenizers.Tokenizer(tokenizers.models.BPE())
-    # add_prefix_space=False so encode(text) round-trips without an invented leading space
-    tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"],
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen or not
-        show_progress=False,
-    )
-    tk.train_from_iterator(list(texts), trainer=trainer)
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-              "bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
-    return Tokenizer(tk, config, source="trained tokenizer")

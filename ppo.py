@@ -1,10 +1,10 @@
 """PPO math as small pure tensor functions: log-probs, masked statistics, KL, GAE and the two losses.
 
 Every (B, T) tensor here is over response tokens: row b, position t is the t-th generated token
-(or padding). `mask` marks the valid tokens. Nothing in this file knows about models or configs;
-train.py calls these with explicit arguments.
+(or padding). `mask` marks the valid tokens. Nothing in this file knows about configs: train.py calls these
+with explicit arguments (response_logprobs alone takes a model, any callable ids, mask -> logits).
 
-Reference behaviour is the authors' released code (an OpenRLHF 0.4.4 fork); see the README, "The algorithm, the reference code, and the traps".
+Reference behaviour is the authors' released code (an OpenRLHF 0.4.4 fork); see docs/algorithm.md.
 """
 
 from dataclasses import dataclass
@@ -22,7 +22,7 @@ def logprobs_from_logits(logits, labels, temperature: float = 1.0):
     -> (B, T) float32.
 
     The logits are divided by the sampling temperature: the log-probs must be those of the
-    distribution the tokens were sampled from (README, "Known traps").
+    distribution the tokens were sampled from (docs/algorithm.md, "Known traps").
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -32,7 +32,7 @@ def logprobs_from_logits(logits, labels, temperature: float = 1.0):
     # rows logsumexp needs, i.e. one fp32 copy of the batch in total.
     for row_logits, row_labels in zip(logits, labels):
         # fp32 log-softmax: in bf16 two passes over the same tokens round differently and the PPO
-        # ratio on the first minibatch is not exactly 1 (README, "Known traps").
+        # ratio on the first minibatch is not exactly 1 (docs/algorithm.md, "Known traps").
         x = row_logits.float() / temperature                           # (T, V)
         label_logits = x.gather(-1, row_labels.unsqueeze(-1)).squeeze(-1)  # (T,)
         out.append(label_logits - torch.logsumexp(x, dim=-1))          # log_softmax, gathered
@@ -48,6 +48,21 @@ def entropy_from_logits(logits, temperature: float = 1.0):
         logp = F.log_softmax(row_logits.float() / temperature, dim=-1)  # (T, V)
         out.append(-(logp.exp() * logp).sum(-1))
     return torch.stack(out)
+
+
+def response_logprobs(model, batch: dict, temperature: float = 1.0, entropy: bool = False,
+                      entropy_grad: bool = False):
+    """Log-probs (B, R) of the response tokens of a batch (data.collate's layout) under `model`: the token in column
+    P+j is predicted by the logits in column P+j-1. With entropy=True, also the entropy (B, R) of each predictive
+    distribution: detached for logging, or with entropy_grad=True differentiable, for an entropy bonus in the loss
+    (its graph holds another fp32 copy of the logits, so it is built only when asked for)."""
+    P = batch["prompt_len"]
+    logits = model(batch["input_ids"], batch["attention_mask"])[:, P - 1:-1]
+    logp = logprobs_from_logits(logits, batch["input_ids"][:, P:], temperature)
+    if not entropy:
+        return logp
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        return logp, entropy_from_logits(logits, temperature)
 
 
 # ----------------------------------------------------------------------------- masked statistics
@@ -69,7 +84,7 @@ def masked_mean(x, mask, dim=None):
 
 def seq_mean(x, mask):
     """The loss reduction of the reference code: token mean within each sequence, then mean over
-    sequences, so every response weighs the same whatever its length (README). (B, T) -> scalar."""
+    sequences, so every response weighs the same whatever its length (the reference code). (B, T) -> scalar."""
     return masked_mean(x, mask, dim=-1).mean()
 
 
@@ -77,7 +92,7 @@ def masked_whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8):
     """(x - mean) / std over the valid entries of x; padding positions come back as 0.
 
     If torch.distributed is initialized the mean and variance are those of the valid entries of all
-    ranks together, as the reference code whitens advantages over the whole rollout buffer (README).
+    ranks together, as the reference code whitens advantages over the whole rollout buffer.
     Two passes (sum and count for the mean, then the sum of squared deviations) rather than
     E[x^2] - E[x]^2, which cancels catastrophically when |mean| >> std.
     The variance is the biased one (divide by N), as in OpenRLHF's normalisation.
@@ -136,7 +151,7 @@ def gae(rewards, values, mask, gamma: float, lam: float):
     A_t     = delta_t + gamma * lam * m_{t+1} * A_{t+1}
     so the episode ends after the last valid token (the value after it is 0).
     Returns (advantages, returns), both (B, T) and zero on padding; returns = advantages + values
-    (the critic's regression target, not whitened: README, reference code).
+    (the critic's regression target, not whitened, as in the reference code).
     """
     mask = mask.bool()
     # Zero the padding first so that whatever the buffers hold there (stale values, NaN) is inert.
@@ -159,7 +174,7 @@ def gae(rewards, values, mask, gamma: float, lam: float):
 # ----------------------------------------------------------------------------- critic-free estimators
 #
 # With k samples per prompt the other responses to the same prompt are a baseline that needs no critic. Rows are
-# grouped: rows [g*k, (g+1)*k) are the k responses to one prompt (train.py samples them so, on one rank).
+# grouped: rows [g*k, (g+1)*k) are the k responses to one prompt (train.py samples them so, on one rank). reinforce_pp needs no group.
 
 def reward_to_go(rewards, mask, gamma: float = 1.0):
     """G_t = sum_{t' >= t} gamma^(t' - t) r_t' over each row's valid tokens. (B, T) -> (B, T), zero on padding
@@ -231,22 +246,33 @@ def rloo_token(rewards, mask, k: int, gamma: float = 1.0):
     return torch.where(mask.bool(), adv, torch.zeros_like(adv))
 
 
+def reinforce_pp(rewards, mask, gamma: float = 1.0):
+    """REINFORCE++ (Hu 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning Large Language Models"): each
+    token's advantage is its reward-to-go G_t (the per-token KL penalty is part of the reward, as there), with no
+    critic and no group of samples; its baseline is the normalisation of the advantages over the whole global batch,
+    which train.py's whitening does (--whiten_advantages, on by default). One sample per prompt. (B, T) -> (B, T)."""
+    return reward_to_go(rewards, mask, gamma)
+
+
 # ----------------------------------------------------------------------------- the estimator table
 
 @dataclass(frozen=True)
 class Estimator:
-    """One row of train.py's --estimator: whether it needs a critic (values of the rollout), and
+    """One row of train.py's --estimator: whether it needs a critic (values of the rollout, returns to regress on),
+    whether it compares the k samples of one prompt (then --samples_per_prompt must be >= 2), and
     fn(rewards, mask, values, hp) -> (advantages, returns or None), all (B, T); hp holds k (samples per prompt),
     gamma, lam and grpo_eps. Adding an estimator is its function above plus one entry here."""
     critic: bool
+    groups: bool
     fn: Callable
 
 
 ESTIMATORS = {
-    "gae": Estimator(True, lambda r, m, v, hp: gae(r, v, m, hp["gamma"], hp["lam"])),
-    "rloo": Estimator(False, lambda r, m, v, hp: (rloo(r, m, hp["k"], hp["gamma"]), None)),
-    "grpo": Estimator(False, lambda r, m, v, hp: (grpo(r, m, hp["k"], hp["gamma"], hp["grpo_eps"]), None)),
-    "rloo-token": Estimator(False, lambda r, m, v, hp: (rloo_token(r, m, hp["k"], hp["gamma"]), None)),
+    "gae": Estimator(True, False, lambda r, m, v, hp: gae(r, v, m, hp["gamma"], hp["lam"])),
+    "rloo": Estimator(False, True, lambda r, m, v, hp: (rloo(r, m, hp["k"], hp["gamma"]), None)),
+    "grpo": Estimator(False, True, lambda r, m, v, hp: (grpo(r, m, hp["k"], hp["gamma"], hp["grpo_eps"]), None)),
+    "rloo-token": Estimator(False, True, lambda r, m, v, hp: (rloo_token(r, m, hp["k"], hp["gamma"]), None)),
+    "reinforce++": Estimator(False, False, lambda r, m, v, hp: (reinforce_pp(r, m, hp["gamma"]), None)),
 }
 
 

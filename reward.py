@@ -1,7 +1,7 @@
 """Bradley-Terry reward model math: read the score at the last token, the pairwise loss, and the
 score normalisation applied before the score enters the PPO reward.
 
-Stage 3 of the pipeline (README): a scalar head on the last (EOS) token, trained with
+Stage 3 of the pipeline (train.run_rm): a scalar head on the last (EOS) token, trained with
 -log sigmoid(r(x, y_w) - r(x, y_l)), gives r_MLE.
 """
 
@@ -29,6 +29,12 @@ def last_token_index(attention_mask):
 def gather_last(x, attention_mask):
     """x (B, T) -> (B,), the value of each row at its last_token_index."""
     return x.gather(-1, last_token_index(attention_mask).unsqueeze(-1)).squeeze(-1)
+
+
+def sequence_scores(model, batch: dict):
+    """The reward model's score of every row of a batch, read at its last real token (the EOS of a complete
+    response): model(ids, mask) -> (B, T) scores -> (B,) fp32."""
+    return gather_last(model(batch["input_ids"], batch["attention_mask"]).float(), batch["attention_mask"])
 
 
 def bt_loss(r_chosen, r_rejected):

@@ -26,7 +26,7 @@ def dpo_token_reward(logp_dpo, logp_ref, mask, beta1: float, clip: float):
     logp_ref is the SFT model (the reference DPO was trained against). The clamp is the reference
     code's: a handful of tokens with a huge DPO log-ratio must not dominate the return
     (defaults dpo_reward_scale 0.05, clip 0.05). The released code treats a scale of 0 as "no
-    scaling" (README, "Known traps"); here beta1 and clip must both be positive, and plain PPO is
+    scaling" (docs/algorithm.md, "Known traps"); here beta1 and clip must both be positive, and plain PPO is
     algo "ppo", not beta1 = 0.
     """
     if beta1 <= 0:
@@ -91,11 +91,13 @@ def rm_last(x, hp):
 class Algo:
     """One row of the algorithm table: the rollout inputs its reward needs (beyond the policy's and the KL anchor's
     log-probs, which every algorithm uses) and the terms it adds, by name."""
-    needs: tuple  # of "logp_dpo" (the DPO model's pass), "rm_score" (the reward model's), "delimiter_mask"
+    needs: tuple  # of "logp_dpo" (the DPO model's pass), "rm_score" (the reward model's), "delimiter_mask", or any
+    # other name of train.SCORERS
     terms: dict  # name -> term(x, hp) -> (B, T); "rm" is the sequence-level score, the rest are dense
 
 
-# Adding an algorithm is one entry here plus its term above; train.py loads only the models its `needs` name.
+# Adding an algorithm is one entry here plus its term above; train.py loads only the models its `needs` name, and a
+# new input (a model's output the rollout must compute) is one entry of train.SCORERS.
 ALGOS = {
     # the sparse RLHF baseline, r_MLE on the last token (the paper's beta1 = 0)
     "ppo": Algo(needs=("rm_score",), terms={"rm": rm_last}),
@@ -109,9 +111,9 @@ ALGOS = {
 }
 
 
-def dense_rewards(algo: str, *, logp, logp_anchor, logp_ref, mask, rm_score=None, logp_dpo=None,
-                  delimiter_mask=None, ended=None, beta1: float = 0.05, dpo_clip: float = 0.05, beta2: float = 0.01,
-                  beta3: float = 1.0, kl_estimator: str = "k1", no_eos_penalty: float = 0.0):
+def dense_rewards(algo: str, *, logp, logp_anchor, logp_ref, mask, ended=None, beta1: float = 0.05,
+                  dpo_clip: float = 0.05, beta2: float = 0.01, beta3: float = 1.0, kl_estimator: str = "k1",
+                  no_eos_penalty: float = 0.0, hp: dict | None = None, **inputs):
     """The per-token reward PPO trains on, for each algorithm in ALGOS.
 
     r_h = -beta2 * KL(pi || pi_anchor)_h                             every algo (ppo.kl_penalty)
@@ -123,13 +125,16 @@ def dense_rewards(algo: str, *, logp, logp_anchor, logp_ref, mask, rm_score=None
     Defaults are the reference code's: beta1 0.05 (dpo_reward_scale), dpo_clip 0.05, beta2 0.01
     (init_kl_coef), beta3 1, k1 KL. Plain PPO is the paper's beta1 = 0: algo "ppo".
 
-    logp, logp_ref, logp_dpo (B, T): log-probs of the sampled response tokens under the policy being trained, the
-    SFT model (the reference DPO was trained against, so the DPO term is DPO's implicit reward) and the DPO model.
-    logp_anchor (B, T): the model the KL term keeps pi near; the reference code's is the SFT model (pass logp_ref),
-    train.py's --kl_anchor dpo passes logp_dpo. mask (B, T) bool, a contiguous prefix per row. rm_score (B,):
-    r_MLE, already normalised and clamped (reward.normalize_score), read at the EOS token. ended (B,) bool: the
-    response emitted EOS. A response cut by max_new_tokens is scored as is and may be penalised; it is never given
-    a fake EOS (that would be off-policy). Inputs an algorithm does not use are ignored.
+    logp, logp_ref (B, T): log-probs of the sampled response tokens under the policy being trained and the SFT model
+    (the reference DPO was trained against, so the DPO term is DPO's implicit reward). logp_anchor (B, T): the model
+    the KL term keeps pi near; the reference code's is the SFT model (pass logp_ref), train.py's --kl_anchor dpo
+    passes logp_dpo. mask (B, T) bool, a contiguous prefix per row. ended (B,) bool: the response emitted EOS. A
+    response cut by max_new_tokens is scored as is and may be penalised; it is never given a fake EOS (that would be
+    off-policy).
+    inputs: what the algorithm's terms read, by the names its `needs` lists: logp_dpo (B, T) the DPO model's
+    log-probs, rm_score (B,) r_MLE already normalised and clamped (reward.normalize_score) and read at the EOS,
+    delimiter_mask (B, T), or a new one; inputs an algorithm does not use are ignored. hp: further hyper-parameters
+    the terms read by name (train.py passes every PPOConfig field), on top of beta1, dpo_clip and beta3.
 
     Returns (rewards, components): rewards (B, T) fp32, zero on padding; components {"kl": (B, T) per-token KL
     estimate, "dpo": (B, T) the DPO term added (zeros when none), "score": (B,) the sequence-level terms added at
@@ -137,9 +142,9 @@ def dense_rewards(algo: str, *, logp, logp_anchor, logp_ref, mask, rm_score=None
     """
     if algo not in ALGOS:
         raise ValueError(f"unknown algo {algo!r}: choose one of {tuple(ALGOS)}")
-    x = {"logp_dpo": logp_dpo, "rm_score": rm_score, "delimiter_mask": delimiter_mask, "logp_ref": logp_ref}
+    x = {**inputs, "logp_ref": logp_ref}
     for name in ALGOS[algo].needs:
-        if x[name] is None:
+        if x.get(name) is None:
             raise ValueError(f"algo {algo!r} needs {name}")
     if no_eos_penalty < 0:
         raise ValueError(f"no_eos_penalty is subtracted, pass a value >= 0, got {no_eos_penalty}")
@@ -154,7 +159,7 @@ def dense_rewards(algo: str, *, logp, logp_anchor, logp_ref, mask, rm_score=None
     rewards = -beta2 * kl
 
     # 2. The algorithm's own terms (the table above).
-    hp = {"beta1": beta1, "dpo_clip": dpo_clip, "beta3": beta3}
+    hp = {**(hp or {}), "beta1": beta1, "dpo_clip": dpo_clip, "beta3": beta3}
     terms = {name: term(x, hp) for name, term in ALGOS[algo].terms.items()}
 
     # 3. A response cut at max length (no EOS) may pay a fixed penalty on its last token: our addition.

@@ -6,7 +6,7 @@
     python sweep.py --estimators gae,rloo,grpo,rloo-token   # also without a critic (the README's table)
 
 Per seed it trains the shared SFT, DPO and reward model once (train.py's stages, on the built-in "credit" task:
-responses of 24-48 words whose gold reward is a sum of context-dependent per-word terms; data.TASKS), then runs
+responses of 24-48 words whose gold reward is a sum of context-dependent per-word terms; task.TASKS), then runs
 PPO with every algorithm (ppo, rto, semi-rto, dpo-only) at 1/8, 1/4, 1/2 and all of the prompt budget (one epoch
 over that many prompts: fewer prompts, fewer rollouts), RTO's beta1 / clip ablation at the full budget, and with
 --estimators the critic-free advantage estimators (rloo, grpo, rloo-token: --samples_per_prompt responses to each
@@ -32,10 +32,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import explain
+import pipeline
 import train
 from data import read_prompts
 from hf import Tokenizer
-from runtime import D, init_dist, open_model, print0, release_locks, take_dir
+from checkpoint import open_model
+from parallel import D, init_dist, print0
+from rundir import release_locks, take_dir
 
 # two-sided 95% Student-t quantiles for n - 1 degrees of freedom (the interval over n seeds)
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -45,7 +49,7 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 class SweepConfig:
     out: str = ""  # one directory per seed (seed_0/ ...), results.md, results.json, the plots; default
     # runs/sweep, or runs/sweep_quick with --quick (a directory holds one grid: see main)
-    task: str = "credit"  # a built-in task (data.TASKS)
+    task: str = "credit"  # a built-in task (task.TASKS)
     seeds: int = 5  # seeds 0 .. seeds-1: task table, data, every stage
     algos: str = "ppo,rto,semi-rto,dpo-only"  # PPO variants run at every budget
     budgets: str = "0.125,0.25,0.5,1"  # fractions of the prompt budget
@@ -57,7 +61,7 @@ class SweepConfig:
     n_eval: int = 128  # held-out prompts and pairs
     sft_epochs: int = 3
     pref_epochs: int = 2
-    offline: str = "r-dpo,simpo,tdpo"  # the paper's other direct preference methods (train.OFFLINE), once per seed
+    offline: str = "r-dpo,simpo,tdpo"  # the paper's other direct preference methods (pipeline.OFFLINE), once per seed
     estimators: str = "gae"  # advantage estimators (ppo.ESTIMATORS); beyond gae each runs --algos at the full budget
     samples_per_prompt: int = 4  # responses per prompt for the critic-free estimators (a rollout keeps batch_size
     # responses, so they see batch_size / samples_per_prompt prompts per rollout, the same number of samples)
@@ -97,22 +101,22 @@ def run_seed(cfg: SweepConfig, seed: int) -> dict:
     d = Path(cfg.out) / f"seed_{seed}"
     stages = [f"sft.epochs={cfg.sft_epochs}", f"dpo.epochs={cfg.pref_epochs}", f"rm.epochs={cfg.pref_epochs}",
               f"ppo.max_steps={cfg.ppo_steps}"]
-    pc = train.PipelineConfig(out=str(d), seed=seed, task=cfg.task, max_len=64, n_sft=cfg.n_sft, n_pref=cfg.n_pref,
+    pc = pipeline.PipelineConfig(out=str(d), seed=seed, task=cfg.task, max_len=64, n_sft=cfg.n_sft, n_pref=cfg.n_pref,
                               n_prompts=cfg.ppo_steps * cfg.batch_size, n_eval=cfg.n_eval, set=stages,
                               batch_size=cfg.batch_size, progress=False, device=cfg.device, algos="rto")
     if not (d / "tokenizer" / "tokenizer.json").exists():
-        task, data, _ = train.task_data(pc)
+        task, data, _ = pipeline.task_data(pc)
     else:
-        task = train.make_task(pc)
-        data = {k: d / "data" / f"{k}.jsonl" for k in train.DATA_FILES}
+        task = pipeline.make_task(pc)
+        data = {k: d / "data" / f"{k}.jsonl" for k in pipeline.DATA_FILES}
         data["task"] = d / "data" / "task.json"
-    sft_cfg, dpo_cfg, rm_cfg, ppo_cfgs = train.stage_configs(pc, data, d / "tokenizer")
+    sft_cfg, dpo_cfg, rm_cfg, ppo_cfgs = pipeline.stage_configs(pc, data, d / "tokenizer")
     for stage_cfg, run in ((sft_cfg, train.run_sft), (dpo_cfg, train.run_dpo), (rm_cfg, train.run_rm)):
         if not finished(Path(stage_cfg.out), "final/config.json"):
             run(stage_cfg)
     sft, dpo = Path(sft_cfg.out) / "final", Path(dpo_cfg.out) / "final"
     tok = Tokenizer.from_dir(sft)
-    template, judging = ppo_cfgs["rto"], train.eval_settings(pc)
+    template, judging = ppo_cfgs["rto"], pipeline.eval_settings(pc)
     ref = open_model(str(sft), "lm", judging, tok, frozen=True)
     rm_model = open_model(str(Path(rm_cfg.out) / "final"), "score", judging, tok, frozen=True)
     rows = read_prompts(data["eval_prompts"])
@@ -120,13 +124,13 @@ def run_seed(cfg: SweepConfig, seed: int) -> dict:
     def judge(policy_dir, name):
         path = d / f"eval_{name}.json"
         if not path.exists():
-            r = train.evaluate(policy_dir, ref, tok, rows, judging, task.gold_reward, rm_model)
+            r = pipeline.evaluate(policy_dir, ref, tok, rows, judging, task.gold_reward, rm_model)
             path.write_text(json.dumps({k: v.tolist() for k, v in r.items()}))
         return {k: np.array(v) for k, v in json.loads(path.read_text()).items()}
 
     base = {"sft": judge(sft, "sft"), "dpo": judge(dpo, "dpo")}
     for name in filter(None, cfg.offline.split(",")):  # DPO runs with another loss, on the same pairs, from the same SFT
-        offline_cfg = train.offline_config(dpo_cfg, d / name, name)
+        offline_cfg = pipeline.offline_config(dpo_cfg, d / name, name)
         if not finished(Path(offline_cfg.out), "final/config.json"):
             train.run_dpo(offline_cfg)
         base[name] = judge(Path(offline_cfg.out) / "final", name)
@@ -161,7 +165,7 @@ def run_seed(cfg: SweepConfig, seed: int) -> dict:
                          "win_vs_sft": float(((diff > 0) + 0.5 * (diff == 0)).mean())}
     for name in results:  # AlpacaEval 2's length-controlled win rate against SFT, the gold reward as the judge
         ev = base.get(name) or judge(None, name)
-        results[name]["lc_win_vs_sft"] = train.length_controlled_win_rate(ev["gold"] - base["sft"]["gold"],
+        results[name]["lc_win_vs_sft"] = pipeline.length_controlled_win_rate(ev["gold"] - base["sft"]["gold"],
                                                                           ev["len"] - base["sft"]["len"])
     results["correlation"] = correlation(d, task, tok, sft, dpo, ref, rows, judging)
     results["rm_accuracy"] = json.loads((Path(rm_cfg.out) / "eval.json").read_text())["eval_accuracy"]
@@ -185,9 +189,9 @@ def correlation(d: Path, task, tok, sft: Path, dpo: Path, ref, rows, ev) -> floa
         xs, ys = [], []
         for lo in range(0, len(rows), ev.micro_batch_size):
             hi = lo + ev.micro_batch_size
-            lrs = train.dpo_log_ratios(dpo_model, ref, tok, prompts[lo:hi], responses[lo:hi])
+            lrs = explain.dpo_log_ratios(dpo_model, ref, tok, prompts[lo:hi], responses[lo:hi])
             for r, ids, lr in zip(rows[lo:hi], responses[lo:hi], lrs):
-                gold = train.gold_per_token(task, r.prompt, tok, ids)
+                gold = explain.gold_per_token(task, r.prompt, tok, ids)
                 if gold is not None:
                     body = [k for k, i in enumerate(ids) if i not in tok.stop_ids]
                     xs += [lr[k] for k in body]

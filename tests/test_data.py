@@ -11,9 +11,10 @@ import torch
 from tokenizers import Regex, models, pre_tokenizers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import (DataError, PrefRow, PromptRow, SFTRow, WordTask, collate, pad_left,  # noqa: E402
+from data import (DataError, PrefRow, PromptRow, SFTRow, collate, pad_left,  # noqa: E402
                   read_preferences, read_prompts, read_sft)
-from hf import Tokenizer, train_tokenizer  # noqa: E402
+from hf import Tokenizer  # noqa: E402
+from task import WordTask, train_tokenizer  # noqa: E402
 
 
 def write_lines(tmp_path, lines, name="d.jsonl"):

@@ -218,8 +218,10 @@ def stage_args(stage: str, inp: Path, out: Path) -> list:
         return ["--data", d / "prefs.jsonl", "--eval_data", d / "eval_prefs.jsonl", "--model", inp / "sft" / "final",
                 "--lr", 1e-3, "--max_steps", 3, *common]
     if stage == "ppo":  # --top_k 1: greedy, so both runs sample the same responses whatever each rank's RNG;
-        # rollout == batch: one rollout is one minibatch in both runs (no per-rank minibatch composition)
-        return ["--algo", "rto", "--prompts", d / "prompts.jsonl", "--policy", inp / "memo" / "final",
+        # rollout == batch: one rollout is one minibatch in both runs (no per-rank minibatch composition); the actor
+        # starts from the memo policy (--init), pi_ref is the SFT model the DPO run started from
+        return ["--algo", "rto", "--prompts", d / "prompts.jsonl", "--policy", inp / "sft" / "final",
+                "--init", inp / "memo" / "final",
                 "--dpo", inp / "dpo" / "final", "--rm", inp / "rm" / "final", "--rollout_batch_size", 32,
                 "--top_k", 1, "--lr", 3e-4, "--critic_lr", 1e-3, "--max_steps", 3, *common]
     raise ValueError(stage)
@@ -429,11 +431,12 @@ def test_interrupted_save_keeps_previous_checkpoint(where, tmp_path, monkeypatch
             raise Boom("killed after the shards")
         monkeypatch.setattr(dcp, "save", boom)
     else:
+        import checkpoint
+
         def boom(path):
             raise Boom("killed while writing the RNG state")
-        import runtime
 
-        monkeypatch.setattr(runtime, "save_rng", boom)
+        monkeypatch.setattr(checkpoint, "save_rng", boom)
     with pytest.raises(Boom):
         train.save_checkpoint(tmp_path, 4, *state, cfg)
     monkeypatch.undo()
@@ -507,9 +510,9 @@ def test_fresh_run_refuses_a_directory_with_a_checkpoint(inputs, stage_runs, tmp
     stale = out / "checkpoints" / "step_000003"  # e.g. from an earlier run killed after its first checkpoint
     shutil.copytree(ref / "checkpoints" / "step_000009", stale)
     (stale / "meta.json").write_text(json.dumps({**json.loads((stale / "meta.json").read_text()), "step": 3}))
-    import runtime
+    import checkpoint
 
-    runtime.write_manifest(stale)  # planted as this project would have written it (resume checks the manifest)
+    checkpoint.write_manifest(stale)  # planted as this project would have written it (resume checks the manifest)
     before = {p.name: p.read_bytes() for p in stale.iterdir()}
     (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": -1.0}) + "\n")
     p = subprocess.run(command(1, "sft", *stage_args("sft", inputs, out)), cwd=ROOT, env=ENV, capture_output=True,
@@ -607,3 +610,35 @@ def test_torchrun_critic_free_estimator(inputs, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["first_logp_dev"] == 0.0 and "value_loss" not in r and math.isfinite(r["policy_loss"]) for r in rows)
     assert list(json.loads((out / "checkpoints" / "step_000002" / "meta.json").read_text())["schedulers"]) == ["actor"]
+
+
+def test_own_model_and_data_in_one_command_under_torchrun(tmp_path):
+    """`train.py all --model DIR --sft_data --prefs --prompts --algos ppo,rto` on a tiny checkpoint with a real chat
+    layout (SmolLM2's tokenizer files, tests/fixtures/chat) and chat-shaped JSONL, under 2-process torchrun: SFT ->
+    DPO -> RM -> PPO and RTO from the user's model, the held-out prompts split off --prompts, and every policy
+    judged by the reward model (no gold reward exists)."""
+    from test_checkpoints import chat_data, make_checkpoint
+
+    ckpt = make_checkpoint("smollm2", tmp_path / "ckpt")
+    data = chat_data(tmp_path, "smollm2")
+    out = tmp_path / "own"
+    sets = [f"{s}.{k}" for s in ("sft", "dpo", "rm") for k in ("batch_size=4", "micro_batch_size=2", "max_steps=2",
+                                                              "max_prompt_len=96", "max_response_len=16")]
+    sets += ["ppo.rollout_batch_size=4", "ppo.batch_size=4", "ppo.micro_batch_size=2", "ppo.max_steps=2",
+             "ppo.max_prompt_len=96", "ppo.max_response_len=8", "ppo.lr=1e-3"]
+    run(command(2, "all", "--model", ckpt, "--sft_data", data["sft"], "--prefs", data["prefs"], "--prompts",
+                data["prompts"], "--n_eval", 2, "--algos", "ppo,rto", "--out", out, "--no-progress",
+                *[a for s in sets for a in ("--set", s)]), tmp_path / "own.log", timeout=TIMEOUT)
+    for stage in ("sft", "dpo", "rm", "ppo", "rto"):
+        assert (out / stage / "final" / "model.safetensors").is_file(), stage
+    sft_cfg = json.loads((out / "sft" / "final" / "train_config.json").read_text())
+    assert sft_cfg["model"] == str(ckpt) and sft_cfg["data"] == str(data["sft"])
+    ppo_cfg = json.loads((out / "rto" / "final" / "train_config.json").read_text())
+    assert ppo_cfg["policy"] == str(out / "sft" / "final") and ppo_cfg["prompts"] == str(out / "data" / "prompts.jsonl")
+    held, trained = ((out / "data" / n).read_text().splitlines() for n in ("eval_prompts.jsonl", "prompts.jsonl"))
+    assert held + trained == data["prompts"].read_text().splitlines() and len(held) == 2
+    res = json.loads((out / "results.json").read_text())
+    assert res["judge"] == "reward model" and set(res["policies"]) == {"sft", "dpo", "ppo", "rto"}
+    assert res["policies"]["sft"]["win_vs_sft"] == 0.5 and res["policies"]["sft"]["kl"] == 0.0
+    assert "| policy | RM score | win rate vs SFT (RM) |" in (out / "results.md").read_text()
+    assert [r["step"] for r in metrics(out / "rto")] == [1, 2]

@@ -181,14 +181,38 @@ def test_tdpo_per_example_and_stop_gradient():
     assert m2["chosen_reward"].item() == pytest.approx(beta * ((1 + 0.5) + (-1 + 1.0) + (1 + 0.0)) / 3, abs=1e-6)
 
 
-def test_preference_loss_dispatches_every_type():
+# Every row of dpo.LOSSES through preference_loss, against its formula written out per pair with math.*, at
+# hyper-parameters where each term matters (lengths and KLs that differ between the two responses of a pair). A fork
+# that adds a loss adds its per-pair formula here.
+KL_C, KL_R = [0.5, 1.0, 0.0], [2.0, 0.25, 0.5]
+HP = {"beta": 0.1, "label_smoothing": 0.0, "rdpo_alpha": 0.05, "simpo_gamma": 1.0, "tdpo_alpha": 0.5}
+PER_PAIR = {
+    "sigmoid": lambda i, hp: neg_logsigmoid(hp["beta"] * H[i]),
+    "ipo": lambda i, hp: (H[i] - 1 / (2 * hp["beta"])) ** 2,
+    "rdpo": lambda i, hp: neg_logsigmoid(hp["beta"] * H[i] + hp["rdpo_alpha"] * (LEN_C[i] - LEN_R[i]).item()),
+    "simpo": lambda i, hp: neg_logsigmoid(hp["beta"] * POL_C[i].item() / LEN_C[i].item()
+                                          - hp["beta"] * POL_R[i].item() / LEN_R[i].item() - hp["simpo_gamma"]),
+    "tdpo1": lambda i, hp: neg_logsigmoid(hp["beta"] * (H[i] - (KL_R[i] - KL_C[i]))),
+    "tdpo2": lambda i, hp: neg_logsigmoid(hp["beta"] * (H[i] - hp["tdpo_alpha"] * (KL_R[i] - KL_C[i]))),
+}
+
+
+@pytest.mark.parametrize("loss_type", list(LOSSES))
+def test_every_loss_entry_against_its_formula(loss_type):
+    assert loss_type in PER_PAIR, (f"dpo.LOSSES has {loss_type!r}, but tests/test_dpo.py has no formula for it: add "
+                                   f"PER_PAIR[{loss_type!r}] = its loss for pair i written with math.*")
     x = {"pol_chosen": POL_C, "pol_rejected": POL_R, "ref_chosen": REF_C, "ref_rejected": REF_R,
-         "len_chosen": LEN_C, "len_rejected": LEN_R, "kl_chosen": torch.zeros(3), "kl_rejected": torch.zeros(3)}
-    hp = {"beta": 0.1, "label_smoothing": 0.0, "rdpo_alpha": 0.0, "simpo_gamma": 1.0, "tdpo_alpha": 0.5}
-    dpo = dpo_loss(POL_C, POL_R, REF_C, REF_R, 0.1)[0].item()
-    # with no length term and no KL, R-DPO and both TDPOs are DPO
-    for t in ("sigmoid", "rdpo", "tdpo1", "tdpo2"):
-        assert preference_loss(t, x, hp)[0].item() == pytest.approx(dpo, abs=1e-7), t
-    assert set(LOSSES) == {"sigmoid", "ipo", "rdpo", "simpo", "tdpo1", "tdpo2"} and not LOSSES["simpo"].ref
+         "len_chosen": LEN_C, "len_rejected": LEN_R, "kl_chosen": torch.tensor(KL_C), "kl_rejected": torch.tensor(KL_R)}
+    need = LOSSES[loss_type]
+    x = {k: v for k, v in x.items() if not ((k.startswith("ref") and not need.ref) or (k.startswith("kl") and not need.kl))}
+    loss, m = preference_loss(loss_type, x, HP)  # only the inputs its entry says it needs
+    assert loss.item() == pytest.approx(sum(PER_PAIR[loss_type](i, HP) for i in range(3)) / 3, abs=1e-6)
+    assert set(m) == {"chosen_reward", "rejected_reward", "accuracy", "margin"}
+
+
+def test_preference_loss_refuses_what_it_does_not_read():
+    x = {"pol_chosen": POL_C, "pol_rejected": POL_R, "len_chosen": LEN_C, "len_rejected": LEN_R}
     with pytest.raises(ValueError, match="label_smoothing applies to loss_type='sigmoid' only"):
-        preference_loss("simpo", x, {**hp, "label_smoothing": 0.1})
+        preference_loss("simpo", x, {**HP, "label_smoothing": 0.1})
+    with pytest.raises(ValueError, match="unknown loss_type 'hinge'"):
+        preference_loss("hinge", x, HP)

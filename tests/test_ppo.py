@@ -294,3 +294,55 @@ def test_group_estimators_refuse_bad_groups():
             fn(rewards, mask, 1)
         with pytest.raises(ValueError, match="divisible"):
             fn(rewards, mask, 3)  # 8 rows are not groups of 3
+
+
+# ----------------------------------------------------------------------------- the estimator table, entry by entry
+# Every row of ppo.ESTIMATORS through its table function, against a computation of its own written out here with
+# plain floats, row by row. A fork that adds an estimator adds its slow version to NAIVE.
+
+
+def naive_gae(r, v, L, gamma, lam, group):
+    delta = [r[t] + gamma * (v[t + 1] if t + 1 < L else 0.0) - v[t] for t in range(L)]
+    return [sum((gamma * lam) ** j * delta[t + j] for j in range(L - t)) for t in range(L)]
+
+
+def naive_group(r, v, L, gamma, lam, group, kind):
+    """group: [(rewards, length) of the other responses to the same prompt]."""
+    ret = sum(gamma ** t * r[t] for t in range(L))
+    others = [sum(gamma ** t * rr[t] for t in range(LL)) for rr, LL in group]
+    if kind == "rloo":
+        return [ret - sum(others) / len(others)] * L
+    everyone = others + [ret]
+    mean = sum(everyone) / len(everyone)
+    std = math.sqrt(sum((x - mean) ** 2 for x in everyone) / (len(everyone) - 1))
+    return [(ret - mean) / (std + 1e-4)] * L
+
+
+NAIVE = {
+    "gae": naive_gae,
+    "rloo": lambda r, v, L, g, lam, group: naive_group(r, v, L, g, lam, group, "rloo"),
+    "grpo": lambda r, v, L, g, lam, group: naive_group(r, v, L, g, lam, group, "grpo"),
+    "rloo-token": lambda r, v, L, g, lam, group: [
+        naive_rtg(r, L, g)[t] - sum(naive_rtg(rr, LL, g)[t] for rr, LL in group) / len(group) for t in range(L)],
+    "reinforce++": lambda r, v, L, g, lam, group: naive_rtg(r, L, g)[:L],  # its baseline is the batch whitening
+}
+
+
+@pytest.mark.parametrize("name", list(__import__("ppo").ESTIMATORS))
+def test_every_estimator_entry_against_its_slow_version(name):
+    from ppo import ESTIMATORS
+
+    assert name in NAIVE, (f"ppo.ESTIMATORS has {name!r}, but tests/test_ppo.py has no slow version of it: add "
+                           f"NAIVE[{name!r}] = a plain-float computation of its advantages, row by row")
+    est = ESTIMATORS[name]
+    rewards, mask = random_rollout(4)
+    values = torch.randn(rewards.shape, generator=torch.Generator().manual_seed(5))
+    hp = {"k": K, "gamma": 0.9, "lam": 0.8, "grpo_eps": 1e-4}
+    adv, returns = est.fn(rewards, mask, values, hp)
+    assert (returns is not None) == est.critic  # a critic regresses on returns; no critic, no returns
+    for b, L in enumerate(LENGTHS):
+        members = range(b // K * K, b // K * K + K)
+        group = [(rewards[j].tolist(), LENGTHS[j]) for j in members if j != b] if est.groups else []
+        want = NAIVE[name](rewards[b].tolist(), values[b].tolist(), L, hp["gamma"], hp["lam"], group)
+        assert adv[b, :L].tolist() == pytest.approx(want, abs=1e-5), (name, b)
+        assert (adv[b, L:] == 0).all()

@@ -113,8 +113,8 @@ def evil_metadata(ws, name, rewrite_manifest: bool):
     Pwn.target = str(ws / "cases" / f"{name}.pwned")
     (ckpt / ".metadata").write_bytes(pickle.dumps(Pwn()))
     if rewrite_manifest:
-        import runtime
-        runtime.write_manifest(ckpt)
+        import checkpoint
+        checkpoint.write_manifest(ckpt)
     return d
 
 
@@ -124,8 +124,8 @@ def truncated_shard(ws, name):
     ckpt = train.latest_checkpoint(d)
     shard = next(ckpt.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])
-    import runtime
-    runtime.write_manifest(ckpt)  # a file this project wrote, then damaged by the disk, say: the manifest matches
+    import checkpoint
+    checkpoint.write_manifest(ckpt)  # a file this project wrote, then damaged by the disk, say: the manifest matches
     return d
 
 
@@ -145,14 +145,14 @@ LIVE = {}
 
 def live_lock(ws):
     """A lock held by another live process (a sleeping child of the test), with its pid and start time."""
-    import runtime
+    import rundir
 
     out = ws / "cases" / "locked"
     out.mkdir(parents=True)
     LIVE["proc"] = subprocess.Popen(["sleep", "120"])
     pid = LIVE["proc"].pid
     (out / "run.lock").write_text(json.dumps({"pid": pid, "host": socket.gethostname(),
-                                              "start": runtime.proc_start(pid)}))
+                                              "start": rundir.proc_start(pid)}))
     return out
 
 
@@ -247,14 +247,14 @@ def nested_json(depth: int) -> bytes:
 def with_meta(ws, name, **change):
     """A copy of the resumable run whose checkpoint's meta.json is changed, the manifest rewritten to match (the
     damage a buggy tool or a careless hand can do while keeping the hashes right)."""
-    import runtime
+    import checkpoint
 
     d = ws / "cases" / name
     shutil.copytree(ws / "resumable", d)
     ckpt = train.latest_checkpoint(d)
     meta = json.loads((ckpt / "meta.json").read_text())
     (ckpt / "meta.json").write_text(json.dumps({**meta, **change}))
-    runtime.write_manifest(ckpt)
+    checkpoint.write_manifest(ckpt)
     return d
 
 
@@ -421,37 +421,37 @@ def test_stale_lock_is_reported_and_taken_over(ws, capsys):
 def test_own_pid_or_a_reused_pid_is_a_stale_lock(ws, capsys):
     """In a container pids repeat from run to run: a lock naming this very process (which never took it), or a
     live pid whose start time differs from the one recorded, was left by a dead run."""
-    import runtime
+    import rundir
 
     for name, lock in (("ownpid", {"pid": os.getpid()}), ("reused", {"pid": os.getppid(), "start": "1"})):
         out = ws / "cases" / name
         out.mkdir(parents=True)
         (out / "run.lock").write_text(json.dumps({**lock, "host": socket.gethostname()}))
-        runtime.take_lock(out)
+        rundir.take_lock(out)
         assert "taking it over" in capsys.readouterr().out
-        assert json.loads((out / "run.lock").read_text())["start"] == runtime.proc_start(os.getpid())
-        runtime.release_locks(True)
+        assert json.loads((out / "run.lock").read_text())["start"] == rundir.proc_start(os.getpid())
+        rundir.release_locks(True)
         assert not (out / "run.lock").exists()
 
 
 def test_a_zombie_holders_lock_is_stale(ws, capsys):
     """A run killed together with its launcher leaves its workers as zombies until someone reaps them (in a
     container, maybe never): the pid still answers kill(pid, 0), but the process is gone and its flock free."""
-    import runtime
+    import rundir
 
     out = ws / "cases" / "zombie"
     out.mkdir(parents=True)
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     deadline = time.monotonic() + 60
-    while (runtime.proc_stat(child.pid) or ["?"])[0] != "Z":  # exited, not reaped: a zombie
+    while (rundir.proc_stat(child.pid) or ["?"])[0] != "Z":  # exited, not reaped: a zombie
         assert time.monotonic() < deadline, "the child did not exit"
         time.sleep(0.01)
     (out / "run.lock").write_text(json.dumps({"pid": child.pid, "host": socket.gethostname(),
-                                              "start": runtime.proc_start(child.pid)}))
+                                              "start": rundir.proc_start(child.pid)}))
     try:
-        runtime.take_lock(out)
+        rundir.take_lock(out)
         assert f"left by pid {child.pid}, which is no longer running; taking it over" in capsys.readouterr().out
-        runtime.release_locks(True)
+        rundir.release_locks(True)
     finally:
         child.wait()
 
@@ -502,9 +502,9 @@ def test_resume_may_change_the_safe_fields(ws):
 
 
 def test_metrics_stay_valid_json_with_a_non_finite_metric(tmp_path):
-    import runtime
+    import rundir
 
-    log = runtime.Logger(tmp_path, 0, ["x"])
+    log = rundir.Logger(tmp_path, 0, ["x"])
     log.log(1, {"x": float("nan"), "y": 1.0})
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "x": None, "y": 1.0}
 
@@ -552,9 +552,10 @@ def _take(out, q):
     """A child process: try to take the lock on out, report, hold it a moment so the others see it held."""
     import time
 
-    import runtime
+
+    import rundir
     try:
-        runtime.take_lock(Path(out))
+        rundir.take_lock(Path(out))
         q.put("won")
         time.sleep(1.0)
     except ValueError as e:
@@ -612,14 +613,14 @@ def test_two_sweeps_on_one_out(tmp_path):
 
     out = tmp_path / "sweep"
     out.mkdir()
-    import runtime
-    runtime.take_lock(out)  # a running sweep holds it
+    import rundir
+    rundir.take_lock(out)  # a running sweep holds it
     try:
         with pytest.raises(ValueError, match="is in use by pid"):
             sweep.main(["--quick", "--out", str(out)])
         assert [p.name for p in out.iterdir()] == ["run.lock"]  # the second wrote nothing
     finally:
-        runtime.release_locks(True)
+        rundir.release_locks(True)
 
 
 def test_failed_overwrite_keeps_the_finished_runs_records(ws):
@@ -657,7 +658,7 @@ def test_kill_between_the_two_renames_of_an_export(ws, capsys):
 
 
 def test_lock_that_cannot_be_written_leaves_nothing(ws, monkeypatch):
-    import runtime
+    import rundir
 
     out = ws / "cases" / "lock_full"
 
@@ -669,7 +670,7 @@ def test_lock_that_cannot_be_written_leaves_nothing(ws, monkeypatch):
         train.main(sft_args(ws, out))
     monkeypatch.undo()
     assert not out.exists()  # not even the directory: nothing for a later run to trip over
-    runtime.release_locks(True)
+    rundir.release_locks(True)
 
 
 def test_empty_lock_from_a_full_disk_is_taken_over(ws, capsys):

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 import hf
-import runtime
+import checkpoint
+import memory
+import ppo
 import train
 from model import Llama, ModelArgs, resize_vocab
 from test_checkpoints import chat_data, make_checkpoint
@@ -26,7 +28,7 @@ FIX = ROOT / "tests" / "fixtures"
 @pytest.mark.parametrize("name,head", [("llama_gqa", "lm"), ("llama_tied", "lm"), ("llama_gqa", "score"),
                                        ("llama_score", "score"), ("llama_bias", "lm"), ("mistral", "lm")])
 def test_open_model_is_bitwise_a_full_load(name, head):
-    a = runtime.open_model(str(FIX / name), head, train.PPOConfig())
+    a = checkpoint.open_model(str(FIX / name), head, train.PPOConfig())
     b = hf.load(FIX / name, head=head, dtype=torch.float32)
     assert a.state_dict().keys() == b.state_dict().keys()
     for k, v in b.state_dict().items():
@@ -40,7 +42,7 @@ def test_open_model_grows_the_vocabulary_like_resize_vocab(tmp_path):
     base = make_checkpoint("qwen2.5", tmp_path / "q", spare_rows=0)
     tok = train.open_tokenizer(str(base))
     assert tok.added_tokens == ["<|pad|>"]
-    a = runtime.open_model(str(base), "lm", train.PPOConfig(), tok)
+    a = checkpoint.open_model(str(base), "lm", train.PPOConfig(), tok)
     b = resize_vocab(hf.load(base, dtype=torch.float32), tok.vocab_size)
     for k, v in b.state_dict().items():
         torch.testing.assert_close(a.state_dict()[k], v, rtol=0, atol=1e-7)
@@ -50,7 +52,7 @@ LOAD_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
     sys.path.insert(0, {root!r})
-    import hf, runtime, train
+    import hf, train, checkpoint, config, memory, parallel
 
     def hwm():  # peak resident set so far, bytes
         for line in open("/proc/self/status"):
@@ -58,21 +60,21 @@ LOAD_SCRIPT = textwrap.dedent("""
                 return int(line.split()[1]) * 1024
 
     path, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]
-    runtime.init_dist("cpu")
+    parallel.init_dist("cpu")
     base = hwm()
     if mode == "sharded":
-        model = runtime.open_model(path, "lm", train.PPOConfig())
+        model = checkpoint.open_model(path, "lm", train.PPOConfig())
     else:  # the old way: every rank loads the whole model in fp32, then shards it
         model = hf.load(path, dtype=torch.float32)
     peak = hwm()
-    res = {{"rank": runtime.D.rank, "base": base, "peak": peak}}
+    res = {{"rank": parallel.D.rank, "base": base, "peak": peak}}
     if mode == "sharded":
-        full = runtime.full_state_dict(model)  # gathered on rank 0, after the measurement
-        if runtime.D.main:
+        full = parallel.full_state_dict(model)  # gathered on rank 0, after the measurement
+        if parallel.D.main:
             ref = hf.load(path, dtype=torch.float32).state_dict()
             res["bitwise"] = full.keys() == ref.keys() and all(torch.equal(full[k], ref[k]) for k in ref)
-    json.dump(res, open(f"{{out}}.{{runtime.D.rank}}.json", "w"))
-    runtime.close_dist(True)
+    json.dump(res, open(f"{{out}}.{{parallel.D.rank}}.json", "w"))
+    parallel.close_dist(True)
 """)
 
 
@@ -121,8 +123,8 @@ def test_bf16_frozen_model_gives_close_log_probs(tmp_path):
     log-probs, and so the DPO token reward and the KL, stay within bf16 rounding of the fp32 model's."""
     base = make_checkpoint("llama3.1", tmp_path / "b")
     tok = train.open_tokenizer(str(base))
-    fp32 = runtime.open_model(str(base), "lm", train.PPOConfig(), tok, frozen=True)
-    bf16 = runtime.open_model(str(base), "lm", train.PPOConfig(bf16=True), tok, frozen=True)
+    fp32 = checkpoint.open_model(str(base), "lm", train.PPOConfig(), tok, frozen=True)
+    bf16 = checkpoint.open_model(str(base), "lm", train.PPOConfig(bf16=True), tok, frozen=True)
     local = [p.to_local() if hasattr(p, "to_local") else p for p in bf16.parameters()]
     assert all(t.dtype == torch.bfloat16 for t in local) and not any(p.requires_grad for p in bf16.parameters())
     msgs = [{"role": "user", "content": "Tell me a joke."}]
@@ -130,15 +132,15 @@ def test_bf16_frozen_model_gives_close_log_probs(tmp_path):
                                           [tok.encode_response(msgs, "Why did the cat sit?", 32),
                                            tok.encode_response(msgs, "No.", 32)], tok.pad_id))
     with torch.no_grad():
-        a, b = train.response_logprobs(fp32, batch), train.response_logprobs(bf16, batch)
+        a, b = ppo.response_logprobs(fp32, batch), ppo.response_logprobs(bf16, batch)
     m = batch["response_mask"]
     assert a.dtype == b.dtype == torch.float32
     diff = (a - b)[m].abs().max().item()
     assert 0 < diff < 0.05, diff  # bf16 rounding moves them a little, never far (tolerance for this model)
     # --offload_frozen: the shards live in host memory between forwards; the same numbers
-    off = runtime.open_model(str(base), "lm", train.PPOConfig(bf16=True, offload_frozen=True), tok, frozen=True)
+    off = checkpoint.open_model(str(base), "lm", train.PPOConfig(bf16=True, offload_frozen=True), tok, frozen=True)
     with torch.no_grad():
-        assert torch.equal(train.response_logprobs(off, batch)[m], b[m])
+        assert torch.equal(ppo.response_logprobs(off, batch)[m], b[m])
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
@@ -183,12 +185,12 @@ def test_memory_plan_by_hand(tmp_path, capsys):
                 "--max_response_len", "1024", "--out", str(out)])
     text = capsys.readouterr().out
     assert not out.exists()  # nothing written, no lock taken
-    n8 = runtime.param_count(ModelArgs.preset("llama3-8b"))
-    n1 = runtime.param_count(ModelArgs.preset("llama3.2-1b", head="score", tie_embeddings=False))
+    n8 = ModelArgs.preset("llama3-8b").num_params()
+    n1 = ModelArgs.preset("llama3.2-1b", head="score", tie_embeddings=False).num_params()
     assert 8.0e9 < n8 < 8.1e9 and 1.2e9 < n1 < 1.3e9
     cfg = train.PPOConfig(bf16=True, micro_batch_size=4, max_prompt_len=1024, max_response_len=1024)
     args8 = ModelArgs.preset("llama3-8b")
-    plan = runtime.memory_plan({"actor": (args8, True), "ref": (args8, False), "dpo": (args8, False),
+    plan = memory.memory_plan({"actor": (args8, True), "ref": (args8, False), "dpo": (args8, False),
                                 "rm": (ModelArgs.preset("llama3.2-1b", head="score", tie_embeddings=False), False),
                                 "critic": (ModelArgs.preset("llama3.2-1b", head="score", tie_embeddings=False), True)},
                                cfg, 8, 1024)
@@ -207,18 +209,18 @@ EXPORT_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     import torch
     sys.path.insert(0, {root!r})
-    import hf, runtime, train
+    import hf, train, checkpoint, config, memory, parallel
     from hf import Tokenizer
 
     path, out = sys.argv[1], Path(sys.argv[2])
-    runtime.init_dist("cpu")
-    runtime.EXPORT_SHARD_BYTES = 20_000  # several shard files and an index, as a big model has
+    parallel.init_dist("cpu")
+    checkpoint.EXPORT_SHARD_BYTES = 20_000  # several shard files and an index, as a big model has
     cfg = train.SFTConfig()
     tok = Tokenizer.from_dir(path)
-    model = runtime.open_model(path, "lm", cfg, tok)
-    runtime.export_hf(model, tok, out / "streamed", cfg)  # every rank gathers one tensor at a time
-    full = runtime.full_state_dict(model)  # the old way: the whole model gathered on rank 0, then written
-    if runtime.D.main:
+    model = checkpoint.open_model(path, "lm", cfg, tok)
+    checkpoint.export_hf(model, tok, out / "streamed", cfg)  # every rank gathers one tensor at a time
+    full = parallel.full_state_dict(model)  # the old way: the whole model gathered on rank 0, then written
+    if parallel.D.main:
         from safetensors.torch import save_file
 
         def whole_file(path, meta, fetch):  # and each file written by safetensors itself, all its tensors at once
@@ -226,10 +228,10 @@ EXPORT_SCRIPT = textwrap.dedent("""
 
         hf.write_safetensors = whole_file
         extra = dict(tok.hf_files(), **{{"generation_config.json": tok.generation_config_json(),
-                                         "train_config.json": runtime.config_json(cfg)}})
+                                         "train_config.json": config.config_json(cfg)}})
         hf.save_hf_checkpoint(hf.hf_state_dict(full, model.args), hf.config_from_args(model.args), out / "whole",
                               20_000, extra)
-    runtime.close_dist(True)
+    parallel.close_dist(True)
 """)
 
 
@@ -238,7 +240,7 @@ def test_streamed_export_is_bitwise_the_whole_model_export(tmp_path):
     rank-0 export wrote with safetensors' own save_file (several shards and the index)."""
     src = tmp_path / "src"
     shutil.copytree(FIX / "llama_gqa", src)
-    from hf import train_tokenizer
+    from task import train_tokenizer
     tok = train_tokenizer(["hello world"] * 4, vocab_size=300)
     tok.save(src)
     cfg = json.loads((src / "config.json").read_text())
@@ -289,7 +291,7 @@ def test_bf16_in_bf16_out(tmp_path):
     torch.manual_seed(0)
     model = Llama(ModelArgs.preset("tiny")).to(torch.bfloat16)
     hf.save(model, tmp_path / "bf16")
-    from hf import train_tokenizer
+    from task import train_tokenizer
     tok = train_tokenizer(["hello world"] * 4, vocab_size=300)
     tok.save(tmp_path / "bf16")
     data = tmp_path / "sft.jsonl"
@@ -314,7 +316,7 @@ SFT_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     sys.path.insert(0, {root!r})
     import torch
-    import hf, runtime, train
+    import hf, train, checkpoint, config, memory, parallel
 
     def status(key):  # bytes, from this process's /proc/self/status
         for line in open("/proc/self/status"):
@@ -335,8 +337,8 @@ SFT_SCRIPT = textwrap.dedent("""
             f.write("5")
         real_export(model, tok, path, cfg)
         marks["export_peak"] = status("VmHWM")
-        full = runtime.full_state_dict(model)  # after the measurement: the fp32 master weights, on rank 0
-        if runtime.D.main:
+        full = parallel.full_state_dict(model)  # after the measurement: the fp32 master weights, on rank 0
+        if parallel.D.main:
             from safetensors import safe_open
             master = hf.hf_state_dict(full, model.args)
             files = sorted(path.glob("*.safetensors"))
@@ -352,7 +354,7 @@ SFT_SCRIPT = textwrap.dedent("""
     train.open_model, train.export_hf = open_and_mark, export_and_mark
     train.main(["sft", "--model", ckpt, "--data", data, "--out", str(out / "sft"), "--max_steps", "1",
                 "--batch_size", "8", "--micro_batch_size", "1", "--no-progress", "--device", "cpu"])
-    (out / f"marks.{{runtime.D.rank}}.json").write_text(json.dumps(marks))
+    (out / f"marks.{{parallel.D.rank}}.json").write_text(json.dumps(marks))
     sys.stdout.flush(), sys.stderr.flush()
     os._exit(0)  # (as train.py does: gloo can abort at interpreter shutdown after a clean destroy)
 """)
@@ -373,7 +375,7 @@ def test_eight_processes_sft_step_and_bf16_export_stay_within_the_sharded_state(
     assert 340e6 < n < 360e6, n
     hf.save(model, tmp_path / "ckpt", max_shard_bytes=150 * 2**20)
     del model
-    from hf import train_tokenizer
+    from task import train_tokenizer
     texts = [f"the answer to question {i} is {i * 7 % 13} and that is all" for i in range(16)]
     train_tokenizer(texts, vocab_size=300).save(tmp_path / "ckpt")
     data = tmp_path / "sft.jsonl"

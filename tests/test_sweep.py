@@ -10,7 +10,7 @@ import torch
 import sweep
 import train
 import hf
-from data import TASKS, WordTask
+from task import TASKS, WordTask
 from hf import Tokenizer
 from model import Llama
 

@@ -11,6 +11,8 @@ import torch
 import hf
 import train
 from model import Llama, ModelArgs
+from pipeline import length_controlled_win_rate
+from reward import sequence_scores
 
 TINY = ["--n_sft", "256", "--n_pref", "256", "--n_prompts", "128", "--n_eval", "32", "--set", "sft.epochs=1",
         "--set", "dpo.epochs=1", "--set", "rm.epochs=1", "--set", "ppo.max_steps=2", "--no-progress"]
@@ -88,18 +90,18 @@ def test_reward_model_reads_the_eos_for_left_and_right_padding():
         prompts, responses = [r[:2] for r in rows], [r[2:] for r in rows]
         from data import collate
         b = collate(prompts, responses, pad)
-        ours = train.scores(rm)(b)
+        ours = sequence_scores(rm, b)
         T = max(map(len, rows))
         ids = torch.tensor([r + [pad] * (T - len(r)) for r in rows])
         mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])
-        right = train.scores(rm)({"input_ids": ids, "attention_mask": mask})
+        right = sequence_scores(rm, {"input_ids": ids, "attention_mask": mask})
     assert b["attention_mask"][:, 0].tolist() == [1, 1, 1]  # same-length prompts: padding only on the right here
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(right, expected, atol=1e-5, rtol=0)
     # and a left-padded prompt of a different length
     b2 = collate([[5, 6], [9]], [[7, 8, eos], [10, eos]], pad)
     with torch.no_grad():
-        got = train.scores(rm)(b2)
+        got = sequence_scores(rm, b2)
         exp2 = torch.stack([rm(torch.tensor([[5, 6, 7, 8, eos]]))[0, -1], rm(torch.tensor([[9, 10, eos]]))[0, -1]])
     assert b2["attention_mask"][1, 0] == 0
     torch.testing.assert_close(got, exp2, atol=1e-5, rtol=0)
@@ -248,14 +250,14 @@ def test_length_controlled_win_rate():
     longer answers -> about 0.5 at equal length while the raw win rate is high; the fit equals a grid search."""
     rng = np.random.default_rng(0)
     y = rng.random(200) < 0.7
-    lc = train.length_controlled_win_rate(np.where(y, 1.0, -1.0), np.zeros(200))
+    lc = length_controlled_win_rate(np.where(y, 1.0, -1.0), np.zeros(200))
     assert lc == pytest.approx(y.mean(), abs=1e-4)
     # the policy writes longer answers on most prompts, and the judge likes length alone
     len_diff = rng.normal(3.0, 4.0, 2000)
     feature = np.tanh(len_diff / len_diff.std())
     wins = rng.random(2000) < 1 / (1 + np.exp(-3.0 * feature))
     judge = np.where(wins, 1.0, -1.0)
-    lc = train.length_controlled_win_rate(judge, len_diff)
+    lc = length_controlled_win_rate(judge, len_diff)
     assert wins.mean() > 0.65 and abs(lc - 0.5) < 0.06, (wins.mean(), lc)
     # the same penalised cross-entropy minimised by brute force over a grid: the same intercept
     grid = np.linspace(-1, 1, 201)
@@ -264,7 +266,7 @@ def test_length_controlled_win_rate():
     best = min(((np.mean(np.logaddexp(0, -(2 * y01 - 1) * (w0 + w1 * feature))), w0) for w0 in grid for w1 in w1s))
     assert 1 / (1 + np.exp(-best[1])) == pytest.approx(lc, abs=0.005)
     # ties count half
-    assert train.length_controlled_win_rate(np.zeros(10), np.zeros(10)) == pytest.approx(0.5, abs=1e-6)
+    assert length_controlled_win_rate(np.zeros(10), np.zeros(10)) == pytest.approx(0.5, abs=1e-6)
 
 
 def test_offline_methods_in_the_pipeline(tmp_path):
@@ -286,3 +288,48 @@ def test_offline_methods_in_the_pipeline(tmp_path):
         train.main(bad)
     # at step 0 (policy == reference) every loss starts where its formula says: DPO-like ones at log 2
     assert metrics(out / "tdpo")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The hack points a fork reaches for first: each does what it says, and a wrong combination is an error
+
+
+def test_entropy_bonus_trains_the_entropy(pipeline, tmp_path):
+    """--entropy_coef: the bonus is in the loss (the entropy is differentiable), so a large one raises the policy's
+    entropy where none leaves it to the reward; the first rollout, before any update, is the same for both."""
+    out, _ = pipeline
+    common = ("--max_steps", "4", "--rollout_batch_size", "32", "--batch_size", "16", "--micro_batch_size", "8",
+              "--algo", "ppo")
+    train.main(ppo_args(out, tmp_path / "none", *common))
+    train.main(ppo_args(out, tmp_path / "bonus", *common, "--entropy_coef", "5"))
+    none, bonus = metrics(tmp_path / "none"), metrics(tmp_path / "bonus")
+    assert none[0]["kl"] == bonus[0]["kl"] == 0.0 and none[0]["score"] == bonus[0]["score"]
+    assert bonus[-1]["entropy"] > none[-1]["entropy"] + 0.01, (bonus[-1]["entropy"], none[-1]["entropy"])
+    assert all(r["first_logp_dev"] == 0.0 for r in bonus)
+
+
+def test_reinforce_pp_needs_no_critic_and_no_group(pipeline, tmp_path):
+    """REINFORCE++: one sample per prompt, no critic opened or saved, exactly on-policy on the first minibatch."""
+    out, _ = pipeline
+    train.main(ppo_args(out, tmp_path / "r", "--estimator", "reinforce++", "--max_steps", "2",
+                        "--rollout_batch_size", "32", "--batch_size", "16", "--micro_batch_size", "8"))
+    rows = metrics(tmp_path / "r")
+    assert [r["first_logp_dev"] for r in rows] == [0.0, 0.0]
+    assert all("value_loss" not in r for r in rows) and all(math.isfinite(r["policy_loss"]) for r in rows)
+
+
+def test_ppo_from_the_dpo_model(pipeline, tmp_path):
+    """--init starts the actor from the DPO model while pi_ref stays SFT: the first rollout's KL to SFT and its DPO
+    reward are not 0. --policy set to the DPO model (pi_ref = pi_dpo: a DPO reward of 0 on every token) is an error
+    that names the fix; --allow_ref_mismatch insists."""
+    out, _ = pipeline
+    common = ("--max_steps", "1", "--rollout_batch_size", "32", "--batch_size", "32", "--micro_batch_size", "16")
+    train.main(ppo_args(out, tmp_path / "init", "--init", str(out / "dpo" / "final"), *common))
+    first = metrics(tmp_path / "init")[0]
+    assert first["kl"] > 0 and first["dpo_reward"] != 0.0 and first["first_logp_dev"] == 0.0
+    bad = ppo_args(out, tmp_path / "bad", *common)
+    bad[bad.index("--policy") + 1] = str(out / "dpo" / "final")
+    with pytest.raises(ValueError, match=r"--policy is the DPO model itself.*--init.*--allow_ref_mismatch"):
+        train.main(bad)
+    train.main(bad + ["--allow_ref_mismatch"])
+    assert metrics(tmp_path / "bad")[0]["dpo_reward"] == 0.0  # what the error was about
