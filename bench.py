@@ -3,8 +3,8 @@
     python bench.py                         # bench12m preset (~12M params), fp32, CPU
     python bench.py --preset tiny --device cuda --dtype bfloat16
     python bench.py --decode_batches 1,16 --no_reference   # eager against compiled decode (--compile_decode)
-    python bench.py gpu --out runs/bench_gpu                # every GPU measurement, one JSON + one markdown table
-    python bench.py gpu --tiny --device cpu                 # the same command proven on CPU in under a minute
+    python3 bench.py gpu --results OUT --work /tmp/scratch  # every GPU measurement, section by section (docs/gpu.md)
+    python bench.py gpu --tiny --device cpu --results R --work W   # the same command proven on CPU
 
 Prints, side by side: training-step tokens/s (forward + backward + AdamW) and generation tokens/s
 (batch 16, 64-token prompts, 128 new tokens, greedy, no early stop). The reference column needs
@@ -13,10 +13,14 @@ RLHF wall time, which is why generation has its own number.
 """
 import argparse
 import json
+import os
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import hf
@@ -162,97 +166,185 @@ def decode_speed(model, batch: int, prompt_len: int, new_tokens: int, repeats: i
     return batch * new_tokens / timed(run, repeats, device), first
 
 
+def cudagraph_skip_reasons(model, batch: int, max_len: int, mark_static: bool = True) -> list[str]:
+    """Compile one decode step as model.compiled_decode does, with inductor's compiler wrapped to ask of the graph the
+    questions it asks before recording CUDA graphs (inputs mutated in place that are not static; ops CUDA graphs
+    cannot hold), and return its reasons to skip them: [] when a GPU would replay the step as CUDA graphs. Runs on CPU
+    too (where inductor would first skip them for being on CPU). mark_static=False: the same cache unmarked."""
+    from contextlib import nullcontext
+    from unittest import mock
+
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+    from torch._inductor.cudagraph_utils import check_for_mutation_ignore_cuda_graph_managed_tensor
+    from torch._inductor.utils import get_first_incompatible_cudagraph_node
+
+    from model import KVCache, decode_step
+
+    reasons, graphs = [], []
+
+    def inner(graph, inputs, **kw):
+        compiled = compile_fx_inner(graph, inputs, **kw)
+        graphs.append(graph)
+        why = check_for_mutation_ignore_cuda_graph_managed_tensor(
+            graph, compiled.mutated_inputs, compiled.mutated_input_idxs, kw.get("static_input_idxs") or [])
+        node = get_first_incompatible_cudagraph_node(graph)
+        reasons.extend([why] if why else [])
+        reasons.extend([f"incompatible op {node.target}"] if node is not None else [])
+        return compiled
+
+    device = next(model.parameters()).device
+    unmarked = mock.patch.object(torch._dynamo, "mark_static_address", lambda t: None)
+    with nullcontext() if mark_static else unmarked:
+        cache = KVCache(model.args, batch, max_len, device, static=True, dtype=next(model.parameters()).dtype)
+    torch._dynamo.reset()
+    step = torch.compile(decode_step(model, cache), backend=lambda gm, ex: compile_fx(gm, ex, inner_compile=inner),
+                         fullgraph=True, dynamic=False)
+    # no cache may answer for inductor: the graph must pass through the questions above
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(
+            enable_autograd_cache=False), torch.no_grad():
+        step(torch.zeros(batch, 1, dtype=torch.long, device=device), torch.ones(batch, 1, dtype=torch.long,
+                                                                               device=device))
+    torch._dynamo.reset()  # nothing of this inspection stays in dynamo's caches
+    if len(graphs) != 1:
+        raise RuntimeError(f"the decode step compiled to {len(graphs)} graphs, expected exactly one")
+    return reasons
+
+
 # ==========================================================================================================
-# `python bench.py gpu`: every measurement a GPU can tell, in one prepared command (README, "GPU"). Each section
-# writes its results as soon as it has them, so a run cut short by a time limit still leaves what it measured.
+# `python bench.py gpu --results DIR --work SCRATCH`: every measurement a GPU can tell, in one prepared command for a
+# short window on a lent machine (docs/gpu.md). Each section runs in a process of its own with its own time limit,
+# in the order of what its numbers are worth; after each one, DIR/results.json and DIR/results.md hold everything
+# measured so far, and nothing else is written to DIR (checkpoints, runs and logs go to SCRATCH).
 
 GPU_PRESETS = {  # what each section runs: the 1B preset on a GPU, a tiny one to prove the command on CPU
-    "full": dict(preset="llama3.2-1b", train_batch=4, train_seq=1024, decode_batches=(1, 16, 64), prompt_len=128,
-                 new_tokens=256, ppo_steps=20, ppo_rollout=16, ppo_micro=4, ppo_len=128, repeats=3),
-    "tiny": dict(preset="tiny", train_batch=2, train_seq=32, decode_batches=(1, 4), prompt_len=8, new_tokens=8,
-                 ppo_steps=2, ppo_rollout=4, ppo_micro=2, ppo_len=8, repeats=1),
+    "full": dict(preset="llama3.2-1b", train_batch=4, train_seq=1024, decode_batches=(16, 1), prompt_len=128,
+                 new_tokens=256, ppo_steps=4, ppo_rollout=16, ppo_micro=4, ppo_len=128, repeats=3, matmul=8192,
+                 probe_layers=2),
+    "tiny": dict(preset="tiny", train_batch=2, train_seq=32, decode_batches=(4, 1), prompt_len=8, new_tokens=8,
+                 ppo_steps=2, ppo_rollout=4, ppo_micro=2, ppo_len=8, repeats=1, matmul=256, probe_layers=2),
 }
 DATASHEET_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 peaks, for MFU when none is given
+# (section, estimated seconds on an H100 with the full preset, process start-up included; the limit it gets). The
+# order is the order of value: what a window too short for everything should still bring home. Sum of the first
+# five: ~395 s, within a 7-minute window with room for the machine's start; transformers' rows only if time remains.
+SECTIONS = [("preflight", 45, 120), ("train", 50, 150), ("ppo", 110, 240), ("torchrun", 80, 200),
+            ("decode", 110, 300), ("transformers", 120, 240)]
+TINY_SECONDS = 30  # the estimate of every section of --tiny on CPU
+
+
+def gpu_args(argv):
+    p = argparse.ArgumentParser(prog="bench.py gpu", description="every GPU measurement in one command, section by "
+                                "section (--tiny --device cpu: the same command proven on CPU)")
+    p.add_argument("--results", default="", help="the folder that holds only results.json and results.md")
+    p.add_argument("--work", default="", help="scratch folder for checkpoints, runs and logs (never in --results)")
+    p.add_argument("--tiny", action="store_true", help="the tiny preset, a few steps: the CPU proof of the command")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
+    p.add_argument("--budget_s", type=float, default=420.0, help="wall seconds for the whole command: a section whose "
+                   "estimate does not fit what is left is skipped, and each gets at most what is left")
+    p.add_argument("--peak_tflops", type=float, default=0.0, help="peak bf16 TFLOP/s (default: the datasheet's)")
+    p.add_argument("--skip", default="", help=f"comma-separated sections to skip: {','.join(s for s, _, _ in SECTIONS)}")
+    p.add_argument("--section", default="", help=argparse.SUPPRESS)  # internal: run one section in this process
+    a = p.parse_args(argv)
+    names = [s for s, _, _ in SECTIONS]
+    bad = [s for s in filter(None, a.skip.split(",")) if s not in names]
+    problems = ([f"--skip {','.join(bad)}: no such section (sections: {', '.join(names)})"] if bad else []) + \
+        ([] if a.results else ["give --results DIR (only results.json and results.md go there)"]) + \
+        ([] if a.work else ["give --work DIR (scratch: checkpoints, runs and logs)"]) + \
+        (["--budget_s must be > 0"] if a.budget_s <= 0 else []) + \
+        (["--device cuda: no CUDA device here"] if a.device == "cuda" and not torch.cuda.is_available() else [])
+    if a.results and a.work and Path(a.results).resolve() == Path(a.work).resolve():
+        problems.append("--results and --work must be two folders: nothing but the results goes to --results")
+    if a.results and not a.section and Path(a.results).is_dir() and any(Path(a.results).iterdir()):
+        problems.append(f"--results {a.results} is not empty: give an empty or new folder")
+    if problems:
+        raise SystemExit("bench.py gpu: " + "; ".join(problems))
+    return a
 
 
 def gpu_main(argv):
-    p = argparse.ArgumentParser(description="every GPU measurement in one command (tiny: prove it on CPU)")
-    p.add_argument("--tiny", action="store_true", help="the tiny preset, a few steps: the CPU proof of the command")
-    p.add_argument("--out", default="runs/bench_gpu", help="folder for results.json, results.md and the runs")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--peak_tflops", type=float, default=0.0, help="peak bf16 TFLOP/s (default: the datasheet's)")
-    p.add_argument("--no_reference", action="store_true", help="skip the transformers columns")
-    p.add_argument("--skip", default="", help="comma-separated sections to skip: train,decode,ppo,torchrun")
-    a = p.parse_args(argv)
-    s = GPU_PRESETS["tiny" if a.tiny else "full"]
-    out, device = Path(a.out), torch.device(a.device)
-    out.mkdir(parents=True, exist_ok=True)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak = a.peak_tflops or next((v for k, v in DATASHEET_TFLOPS.items() if k in name), 0.0)
-    res = {"device": name, "torch": torch.__version__, "preset": s["preset"], "dtype": str(dtype), "peak_tflops": peak,
-           "peak_source": "given" if a.peak_tflops else ("datasheet" if peak else "none")}
+    """Run every section in a process of its own, in SECTIONS' order, within --budget_s; write the results after
+    each one."""
+    a = gpu_args(argv)
+    if a.section:
+        return run_section(a)
+    results, work = Path(a.results), Path(a.work)
+    results.mkdir(parents=True, exist_ok=True)
+    (work / "sections").mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    res = {"command": "python bench.py gpu " + " ".join(argv), "budget_s": a.budget_s, "sections": {}}
     skip = set(filter(None, a.skip.split(",")))
-    sections = [("train", bench_train), ("decode", bench_decode), ("ppo", bench_ppo), ("torchrun", bench_torchrun)]
-    for key, fn in sections:
-        if key in skip:
-            continue
-        t0 = time.perf_counter()
-        try:
-            res[key] = fn(s, device, dtype, peak, out, a.no_reference)
-        except Exception as e:  # one failing section must not hide the others' numbers
-            res[key] = {"error": f"{e.__class__.__name__}: {str(e)[:500]}"}
-        res[key]["seconds"] = round(time.perf_counter() - t0, 1)
-        write_results(out, res)
-        print(f"== {key}: {json.dumps(res[key])[:400]}", flush=True)
+    for name, estimate, limit in SECTIONS:
+        left = a.budget_s - (time.perf_counter() - t_start)
+        estimate = TINY_SECONDS if a.tiny else estimate
+        if name in skip or estimate > left:
+            res["sections"][name] = {"skipped": "--skip" if name in skip else
+                                     f"estimated {estimate} s, {left:.0f} s of the budget left"}
+        else:
+            res["sections"][name] = run_section_process(name, argv, work, min(limit, left))
+        write_results(results, res)
+        print(f"== {name}: {json.dumps(res['sections'][name])[:300]}", flush=True)
     return res
 
 
-def write_results(out: Path, res: dict):
-    (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
-    lines = [f"# bench.py gpu on {res['device']} (torch {res['torch']}, {res['preset']}, {res['dtype']})", ""]
-    for key in ("train", "decode", "ppo", "torchrun"):
-        if key in res:
-            lines += [f"## {key}", "", "```", json.dumps(res[key], indent=1), "```", ""]
-    (out / "results.md").write_text("\n".join(lines))
+def run_section_process(name: str, argv: list[str], work: Path, limit: float) -> dict:
+    """`bench.py gpu --section NAME` in a process of its own, killed at `limit` seconds; its numbers come back in
+    work/sections/NAME.json, its output in work/sections/NAME.log."""
+    out, log = work / "sections" / f"{name}.json", work / "sections" / f"{name}.log"
+    out.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        try:
+            p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "gpu", *argv, "--section", name],
+                               stdout=f, stderr=subprocess.STDOUT, timeout=limit)
+            code = p.returncode
+        except subprocess.TimeoutExpired:
+            code = None
+    row = json.loads(out.read_text()) if out.is_file() else {}
+    if code != 0:
+        tail = log.read_text(errors="replace")[-800:]
+        row["error"] = f"killed at its limit of {limit:.0f} s" if code is None else f"exit {code}: {tail}"
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def write_results(folder: Path, res: dict):
+    """results.json (everything) and results.md (a readable page of it), each replaced whole."""
+    lines = [f"# {res['command']}", ""]
+    for name, sec in res["sections"].items():
+        lines += [f"## {name}", ""] + [f"- {k}: {v}" for k, v in flatten(sec).items()] + [""]
+    for fname, text in (("results.json", json.dumps(res, indent=1) + "\n"), ("results.md", "\n".join(lines))):
+        tmp = folder / f".{fname}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, folder / fname)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def run_section(a) -> dict:
+    """One section, in this process: its numbers to <work>/sections/<name>.json."""
+    s = GPU_PRESETS["tiny" if a.tiny else "full"]
+    device = torch.device(a.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = a.peak_tflops or next((v for k, v in DATASHEET_TFLOPS.items() if k in name), 0.0)
+    ctx = dict(s=s, device=device, dtype=dtype, peak=peak, work=Path(a.work), device_name=name)
+    fn = {"preflight": bench_preflight, "train": bench_train, "ppo": bench_ppo, "torchrun": bench_torchrun,
+          "decode": bench_decode, "transformers": bench_transformers}[a.section]
+    row = fn(**ctx)
+    (Path(a.work) / "sections" / f"{a.section}.json").write_text(json.dumps(row))
+    return row
 
 
 def peak_memory(device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
-def bench_train(s, device, dtype, peak, out, no_reference):
-    """Training tokens/s (forward + backward + AdamW) and MFU of model.py, and of transformers' Llama on the same
-    weights, with and without activation checkpointing."""
-    torch.manual_seed(0)
-    ours = Llama(ModelArgs.preset(s["preset"])).to(device, dtype)
-    ref = None if no_reference else hf_model(ours)
-    x = torch.randint(0, ours.args.vocab_size, (s["train_batch"], s["train_seq"] + 1), device=device)
-    rows = {}
-    for ckpt in (False, True):
-        for label, model, call in (("ours", ours, lambda m, i: m(i)), ("transformers", ref, lambda m, i: m(i).logits)):
-            if model is None:
-                continue
-            if label == "ours":
-                model.grad_checkpointing = ckpt
-            elif ckpt:
-                model.gradient_checkpointing_enable()
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-            model.train()
-
-            def step():
-                logits = call(model, x[:, :-1])
-                torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten()).backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            tps = s["train_batch"] * s["train_seq"] / timed(step, s["repeats"], device)
-            rows[f"{label}{' +ckpt' if ckpt else ''}"] = {
-                "tokens_per_s": round(tps), "mfu": round(6 * ours.num_params() * tps / (peak * 1e12), 4) if peak else None,
-                "peak_gib": peak_memory(device)}
-            del opt
-    return {"rows": rows, "params": ours.num_params(), "tokens_per_step": s["train_batch"] * s["train_seq"]}
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
 
 
 def copy_bandwidth(device) -> float:
@@ -263,46 +355,177 @@ def copy_bandwidth(device) -> float:
     return 2 * n / secs
 
 
-def bench_decode(s, device, dtype, peak, out, no_reference):
-    """New tokens/s at each batch: ours eager and compiled, transformers' eager generate and its static cache +
-    torch.compile, each against the bandwidth limit: (bytes of weights + KV cache read per step) / copy bandwidth."""
+def matmul_tflops(device, dtype, n: int) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 / timed(lambda: a @ b, 5, device) / 1e12
+
+
+def sdpa_backends(device, dtype, B: int, heads: int, kv_heads: int, q_len: int, k_len: int, head_dim: int,
+                  masked: bool) -> list[str]:
+    """The SDPA kernels that accept this grouped-query call (with a padding mask or causal), in torch's order of
+    preference: the first is the one SDPA runs."""
+    if device.type != "cuda":
+        return ["cpu"]
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.zeros(B, heads, q_len, head_dim, device=device, dtype=dtype)
+    kv = torch.zeros(B, kv_heads, k_len, head_dim, device=device, dtype=dtype)
+    mask = torch.ones(B, 1, q_len, k_len, device=device, dtype=torch.bool) if masked else None
+    ok = []
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                    SDPBackend.MATH):
+        try:
+            with sdpa_kernel([backend]):
+                torch.nn.functional.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, is_causal=not masked and
+                                                                 q_len == k_len, enable_gqa=True)
+            ok.append(backend.name)
+        except RuntimeError:
+            pass
+    return ok
+
+
+def host_syncs(fn, device) -> int | None:
+    """How many times fn() makes the host wait for the GPU (torch's sync debug mode, which warns at each)."""
+    if device.type != "cuda":
+        return None
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def bench_preflight(s, device, dtype, peak, work, device_name):
+    """Versions, the device, its measured copy bandwidth and bf16 matmul rate, the SDPA kernels of the training and
+    decode shapes, what inductor says about CUDA graphs for one compiled decode step, and the host syncs of one
+    generate, eager and compiled, on a model of the preset's layer shape with probe_layers layers."""
+    import platform
+
+    import model as model_module
+
+    a = ModelArgs.preset(s["preset"])
+    try:
+        import transformers
+        tf_version = transformers.__version__
+    except ImportError:
+        tf_version = None
+    row = {"device": device_name, "torch": torch.__version__, "cuda": torch.version.cuda, "python":
+           platform.python_version(), "transformers": tf_version, "preset": s["preset"], "peak_tflops": peak,
+           "copy_bandwidth_gb_s": round(copy_bandwidth(device) / 1e9, 1),
+           "matmul_tflops": round(matmul_tflops(device, dtype, s["matmul"]), 3),
+           "attention": model_module.choose_attention(device)}
+    T = s["train_seq"]
+    for label, q_len, k_len, B in (("train", T, T, s["train_batch"]),
+                                   ("decode", 1, s["prompt_len"] + s["new_tokens"], 16)):
+        for masked in (False, True):
+            row[f"sdpa_{label}{'_masked' if masked else ''}"] = sdpa_backends(
+                device, dtype, B, a.n_heads, a.n_kv_heads, q_len, k_len, a.head_dim, masked)
+    torch.manual_seed(0)
+    probe = Llama(ModelArgs.preset(s["preset"], n_layers=s["probe_layers"])).to(device, dtype).eval()
+    row["cudagraph_skip_reasons"] = cudagraph_skip_reasons(probe, 4, s["prompt_len"] + s["new_tokens"])
+    prompts = torch.randint(0, probe.args.vocab_size, (4, s["prompt_len"]), device=device)
+    from torch._dynamo.utils import counters
+
+    for compiled in (False, True):
+        run = lambda: generate(probe, prompts, torch.ones_like(prompts), s["new_tokens"], stop_ids=[1], pad_id=0,
+                               temperature=0, compile_decode=compiled)  # noqa: E731
+        run()  # (the compilation, and a first pass, outside the count)
+        row[f"host_syncs_generate_{'compiled' if compiled else 'eager'}"] = host_syncs(run, device)
+    row["inductor_cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
+    return row
+
+
+def train_flops_per_token(args: ModelArgs, seq: int) -> float:
+    """Training FLOPs per token: 6 per parameter that multiplies (the input embedding is a lookup, a tied output head
+    still multiplies) and the attention scores and their use, 12 * layers * heads * head_dim * seq (PaLM's
+    appendix B; no discount for the causal mask)."""
+    matmul_params = args.num_params() - args.vocab_size * args.dim * (0 if args.tie_embeddings else 1)
+    return 6 * matmul_params + 12 * args.n_layers * args.n_heads * args.head_dim * seq
+
+
+def train_rate(model, call, x, repeats: int, device) -> float:
+    """Training tokens/s of model: forward, a cross-entropy backward, an AdamW step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    model.train()
+
+    def step():
+        logits = call(model, x[:, :-1])
+        torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return x[:, :-1].numel() / timed(step, repeats, device)
+
+
+def bench_train(s, device, dtype, peak, work, device_name):
+    """Training tokens/s and MFU of model.py, with and without activation checkpointing, attention FLOPs counted."""
+    torch.manual_seed(0)
+    ours = Llama(ModelArgs.preset(s["preset"])).to(device, dtype)
+    x = torch.randint(0, ours.args.vocab_size, (s["train_batch"], s["train_seq"] + 1), device=device)
+    flops = train_flops_per_token(ours.args, s["train_seq"])
+    rows = {}
+    for ckpt in (False, True):
+        ours.grad_checkpointing = ckpt
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        tps = train_rate(ours, lambda m, i: m(i), x, s["repeats"], device)
+        rows["ours +ckpt" if ckpt else "ours"] = {"tokens_per_s": round(tps), "peak_gib": peak_memory(device),
+                                                  "mfu": round(flops * tps / (peak * 1e12), 4) if peak else None}
+    return {"rows": rows, "params": ours.num_params(), "flops_per_token": flops,
+            "tokens_per_step": s["train_batch"] * s["train_seq"]}
+
+
+def bench_decode(s, device, dtype, peak, work, device_name):
+    """New tokens/s of model.py eager and compiled (CUDA graphs on a GPU), at batch 16 then 1, each against the
+    bandwidth limit: (bytes of weights + the average step's KV cache) / measured copy bandwidth."""
     torch.manual_seed(0)
     ours = Llama(ModelArgs.preset(s["preset"])).to(device, dtype).eval()
-    ref = None if no_reference else hf_model(ours)
     bw = copy_bandwidth(device)
     a, width = ours.args, torch.finfo(dtype).bits // 8
     P, N = s["prompt_len"], s["new_tokens"]
     rows = {}
     for batch in s["decode_batches"]:
-        kv = batch * a.n_layers * 2 * a.n_kv_heads * a.head_dim * (P + N / 2) * width  # the average step's cache
+        kv = batch * a.n_layers * 2 * a.n_kv_heads * a.head_dim * (P + N / 2) * width
         limit = batch / ((ours.num_params() * width + kv) / bw)
         row = {"bandwidth_limit_tokens_per_s": round(limit)}
-        for label, compiled in (("ours_eager", False), ("ours_compiled", True)):
+        for label, compiled in (("eager", False), ("compiled", True)):
             tps, first = decode_speed(ours, batch, P, N, s["repeats"], device, compiled)
             row[label] = {"tokens_per_s": round(tps), "of_limit": round(tps / limit, 3), "first_call_s": round(first, 1)}
-        if ref is not None:
-            prompts = torch.randint(0, a.vocab_size, (batch, P), device=device)
-            kw = dict(attention_mask=torch.ones_like(prompts), max_new_tokens=N, min_new_tokens=N, do_sample=False,
-                      eos_token_id=None, pad_token_id=0)
-            for label, static in (("transformers_eager", False), ("transformers_static_compile", True)):
-                if static:
-                    ref.generation_config.cache_implementation = "static"
-                    ref.forward = torch.compile(ref.forward, mode="reduce-overhead" if device.type == "cuda" else None)
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    ref.generate(prompts, **kw)
-                first = time.perf_counter() - t0
-                tps = batch * N / timed(lambda: torch.no_grad()(ref.generate)(prompts, **kw), s["repeats"], device)
-                row[label] = {"tokens_per_s": round(tps), "of_limit": round(tps / limit, 3), "first_call_s": round(first, 1)}
-            ref = hf_model(ours)  # a fresh, uncompiled reference for the next batch size
         rows[str(batch)] = row
     return {"rows": rows, "copy_bandwidth_gb_s": round(bw / 1e9, 1), "prompt_len": P, "new_tokens": N}
+
+
+def bench_transformers(s, device, dtype, peak, work, device_name):
+    """transformers' Llama on the same weights: training tokens/s (MFU) and eager generate at the decode batches,
+    the references the goals are read against; needs transformers installed."""
+    torch.manual_seed(0)
+    ours = Llama(ModelArgs.preset(s["preset"])).to(device, dtype)
+    ref = hf_model(ours)
+    if ref is None:
+        return {"skipped": "transformers is not installed"}
+    del ours
+    x = torch.randint(0, ref.config.vocab_size, (s["train_batch"], s["train_seq"] + 1), device=device)
+    tps = train_rate(ref, lambda m, i: m(i).logits, x, s["repeats"], device)
+    flops = train_flops_per_token(ModelArgs.preset(s["preset"]), s["train_seq"])
+    row = {"train_tokens_per_s": round(tps), "train_mfu": round(flops * tps / (peak * 1e12), 4) if peak else None}
+    ref.eval()
+    for batch in s["decode_batches"]:
+        prompts = torch.randint(0, ref.config.vocab_size, (batch, s["prompt_len"]), device=device)
+        kw = dict(attention_mask=torch.ones_like(prompts), max_new_tokens=s["new_tokens"],
+                  min_new_tokens=s["new_tokens"], do_sample=False, eos_token_id=None, pad_token_id=0)
+        tps = batch * s["new_tokens"] / timed(lambda: torch.no_grad()(ref.generate)(prompts, **kw), s["repeats"],
+                                               device)
+        row[f"generate_eager_batch_{batch}_tokens_per_s"] = round(tps)
+    return row
 
 
 def random_checkpoints(s, out: Path, dtype) -> dict:
     """A policy and a reward model of the preset's shape (random weights, the checkpoint dtype), a small trained
     tokenizer (ids inside the model's vocabulary), and prompts: what a PPO run needs."""
-    import hf
     from task import WordTask, train_tokenizer
 
     task = WordTask(seed=0)
@@ -318,27 +541,27 @@ def random_checkpoints(s, out: Path, dtype) -> dict:
             hf.save(model, paths[key], extra_files=tok.hf_files())
             del model
     prompts = out / "prompts.jsonl"
-    rng = __import__("numpy").random.default_rng(0)
+    rng = np.random.default_rng(0)
     prompts.write_text("".join(json.dumps({"prompt": task.sample_prompt(rng)}) + "\n" for _ in range(256)))
     return {**paths, "prompts": prompts}
 
 
-def bench_ppo(s, device, dtype, peak, out, no_reference):
-    """A short `train.py ppo --algo rto` (--bf16 on a GPU) on random checkpoints of the preset's shape: the time split,
-    tokens/s, the peak memory against the memory plan's figure, and first_logp_dev in bf16 compute."""
+def bench_ppo(s, device, dtype, peak, work, device_name):
+    """A short `train.py ppo --algo rto` (--bf16 on a GPU: FSDP2's mixed precision, the decode copy) on random
+    checkpoints of the preset's shape: the time split, tokens/s, the peak memory against the memory plan's figure,
+    and first_logp_dev (0 when the first minibatch is exactly on-policy)."""
     import cli
     import train
     from memory import checkpoint_plan
 
-    paths = random_checkpoints(s, out, dtype)
-    run = out / "ppo_run"
+    paths = random_checkpoints(s, work, dtype)
+    run = work / "ppo_run"
     argv = ["ppo", "--algo", "rto", "--policy", str(paths["policy"]), "--dpo", str(paths["policy"]),
-            "--rm", str(paths["rm"]), "--prompts", str(paths["prompts"]), "--out", str(run), "--overwrite",
-            "--max_steps", str(s["ppo_steps"]), "--rollout_batch_size", str(s["ppo_rollout"]),
+            "--allow_ref_mismatch", "--rm", str(paths["rm"]), "--prompts", str(paths["prompts"]), "--out", str(run),
+            "--overwrite", "--max_steps", str(s["ppo_steps"]), "--rollout_batch_size", str(s["ppo_rollout"]),
             "--batch_size", str(s["ppo_rollout"]), "--micro_batch_size", str(s["ppo_micro"]),
             "--max_prompt_len", str(s["ppo_len"]), "--max_response_len", str(s["ppo_len"]), "--no-progress",
-            "--device", device.type, "--allow_ref_mismatch"] + (["--bf16", "--activation_checkpointing"] if device.type == "cuda" else [])
-    import shutil
+            "--device", device.type] + (["--bf16", "--activation_checkpointing"] if device.type == "cuda" else [])
     shutil.rmtree(run, ignore_errors=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -347,30 +570,30 @@ def bench_ppo(s, device, dtype, peak, out, no_reference):
     train.main(argv)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     later = rows[1:] or rows  # the first step pays for warm-up
-    mean = lambda k: round(sum(r[k] for r in later) / len(later), 4)  # noqa: E731
+
+    def mean(k):
+        return round(sum(r[k] for r in later) / len(later), 4)
     return {"steps": len(rows), "time_gen_s": mean("time_gen_s"), "time_score_s": mean("time_score_s"),
             "time_update_s": mean("time_update_s"), "tokens_per_s": mean("tokens_per_s"),
             "first_logp_dev_max": max(r["first_logp_dev"] for r in rows), "peak_gib": peak_memory(device),
             "planned_gib": round(plan["total"] / 2**30, 2)}
 
 
-def bench_torchrun(s, device, dtype, peak, out, no_reference):
-    """`torchrun --nproc_per_node=1 train.py all` at tiny size: every stage under a process group (nccl on a GPU,
-    gloo on CPU; the CPU tests cover gloo with 2 processes)."""
-    import subprocess
-    import sys
-
-    run = out / "torchrun_all"
-    import shutil
+def bench_torchrun(s, device, dtype, peak, work, device_name):
+    """`torchrun --nproc_per_node=1 train.py all --bf16` at tiny size: every stage under a process group (nccl on a
+    GPU, gloo on CPU) with FSDP2's mixed precision on (the CPU tests run gloo with 2 processes)."""
+    run = work / "torchrun_all"
     shutil.rmtree(run, ignore_errors=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", str(Path(__file__).with_name("train.py")),
            "all", "--out", str(run), "--device", device.type, "--n_sft", "64", "--n_pref", "64", "--n_prompts", "64",
            "--n_eval", "8", "--set", "sft.epochs=1", "--set", "dpo.epochs=1", "--set", "rm.epochs=1",
-           "--set", "ppo.max_steps=1", "--algos", "rto", "--no-progress"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    return {"backend": "nccl" if device.type == "cuda" else "gloo", "returncode": p.returncode,
-            "stages_finished": sorted(d.name for d in run.iterdir() if (d / "final" / "config.json").exists())
-            if run.exists() else [], "stderr_tail": p.stderr[-600:] if p.returncode else ""}
+           "--set", "ppo.max_steps=1", "--algos", "rto", "--no-progress"] + (["--bf16"] if device.type == "cuda" else [])
+    with open(work / "torchrun_all.log", "w") as log:
+        p = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=600)
+    return {"backend": "nccl" if device.type == "cuda" else "gloo", "bf16": device.type == "cuda",
+            "returncode": p.returncode, "stages_finished": sorted(d.name for d in run.iterdir()
+                                                                  if (d / "final" / "config.json").exists())
+            if run.exists() else [], "log_tail": (work / "torchrun_all.log").read_text()[-600:] if p.returncode else ""}
 
 
 if __name__ == "__main__":

@@ -134,32 +134,45 @@ def check_implicit_reward(dpo_dir: str):
                         f"sigmoid (DPO), ipo, rdpo or tdpo")
 
 
-def check_dpo_reference(dpo_dir: str, policy: str, allow_mismatch: bool):
-    """RTO's token reward log(pi_dpo / pi_ref) is DPO's implicit reward only when pi_ref (--policy) is the model the
-    DPO run started from; with --policy the DPO model itself it is 0 on every token. Both are refused, with the fix."""
-    same = Path(dpo_dir).resolve() == Path(policy).resolve()
+def check_reference(policy: str, dpo_dir: str | None, allow_mismatch: bool):
+    """pi_ref (--policy) is what the KL term keeps pi near, and RTO's token reward log(pi_dpo / pi_ref) is DPO's
+    implicit reward only when pi_ref is the model the DPO run started from. Refused, each with the fix: a --policy that
+    is itself a DPO run's model (pi would be kept near the DPO model, and RTO's reward would be 0 on every token with
+    it as --dpo too), the same directory as --dpo, and a --dpo trained from another model. dpo_dir: None when the
+    algorithm has no DPO term."""
+    trained_as = saved_config(policy) or {}
+    if trained_as.get("stage") == "DPOConfig" and not allow_mismatch:
+        start = trained_as.get("model") or "the SFT model"
+        raise UserError(f"--policy {policy} is a DPO model (its train_config.json): pi_ref, the model the KL term keeps "
+                        f"pi near" + (" and the reference of RTO's DPO reward," if dpo_dir else ",") + f" would be the "
+                        f"DPO model, not the SFT model it started from. To start PPO from the DPO model, keep --policy "
+                        f"{start} and pass --init {policy}; to insist, pass --allow_ref_mismatch")
+    if dpo_dir is None or allow_mismatch:
+        return
     started = (saved_config(dpo_dir) or {}).get("model")
-    other = started is not None and Path(started).resolve() != Path(policy).resolve()
-    if (same or other) and not allow_mismatch:
-        why = ("--policy is the DPO model itself, so log(pi_dpo / pi_ref) is 0 on every token" if same else
-               f"{dpo_dir} was trained from {started}, but --policy (pi_ref) is {policy}, so log(pi_dpo / pi_ref) is "
+    if Path(dpo_dir).resolve() == Path(policy).resolve():
+        why = "--policy is the DPO model itself, so log(pi_dpo / pi_ref) is 0 on every token"
+    elif started is not None and Path(started).resolve() != Path(policy).resolve():
+        why = (f"{dpo_dir} was trained from {started}, but --policy (pi_ref) is {policy}, so log(pi_dpo / pi_ref) is "
                f"not DPO's implicit reward")
-        fix = (f"keep --policy {started} (pi_ref) and start the actor elsewhere with --init" if started else
-               "give --policy the model the DPO run started from, and the actor's start with --init")
-        raise UserError(f"--dpo: {why}. To start PPO from another model, {fix}; to insist, pass "
-                        f"--allow_ref_mismatch")
+    else:
+        return
+    fix = (f"keep --policy {started} (pi_ref) and start the actor elsewhere with --init" if started else
+           "give --policy the model the DPO run started from, and the actor's start with --init")
+    raise UserError(f"--dpo: {why}. To start PPO from another model, {fix}; to insist, pass --allow_ref_mismatch")
 
 
 def check_ppo_checkpoints(cfg, slots: dict):
-    """Before any weights are read: each checkpoint is the right kind and speaks the policy's vocabulary, and the DPO
-    model of RTO's token reward has an implicit reward relative to pi_ref ."""
+    """Before any weights are read: each checkpoint is the right kind and speaks the policy's vocabulary, pi_ref is no
+    DPO model, and the DPO model of RTO's token reward has an implicit reward relative to pi_ref."""
     check_slot(cfg.policy, "policy", "lm")
     for flag, want in (("init", "lm"), ("dpo", "lm"), ("rm", "score"), ("critic", None)):
         if getattr(cfg, flag) and (flag in slots or flag in ("init", "critic")):
             check_slot(getattr(cfg, flag), flag, want, policy=cfg.policy)
-    if "logp_dpo" in rto.ALGOS[cfg.algo].needs:  # the DPO token reward (not --kl_anchor dpo alone)
+    dpo_term = "logp_dpo" in rto.ALGOS[cfg.algo].needs  # the DPO token reward (not --kl_anchor dpo alone)
+    if dpo_term:
         check_implicit_reward(cfg.dpo)
-        check_dpo_reference(cfg.dpo, cfg.policy, cfg.allow_ref_mismatch)
+    check_reference(cfg.policy, cfg.dpo if dpo_term else None, cfg.allow_ref_mismatch)
 
 
 def rm_score_stats(cfg, rm_model) -> tuple[float, float]:

@@ -11,7 +11,8 @@ import sys
 import torch
 
 from checks import UserError
-from parallel import D, close_dist, init_dist
+from model import choose_attention
+from parallel import D, close_dist, init_dist, print0
 from rundir import release_locks
 
 TYPES = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float}
@@ -74,6 +75,8 @@ def main(commands: dict, argv: list[str], description: str, default: str = "all"
     directory's lock and the process group, whether it ended well or not."""
     cfg, fn = parse_command(argv, commands, description, default)
     init_dist(cfg.device)
+    if D.device.type == "cuda":  # once per process: how masked grouped-query attention runs here (model.py)
+        print0(choose_attention(D.device))
     ok = False
     try:
         torch.manual_seed(getattr(cfg, "seed", 0))

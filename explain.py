@@ -23,7 +23,7 @@ from cli import parse_sets
 from data import collate, pad_left
 from hf import Tokenizer
 from model import generate
-from parallel import D, gathered, to_device
+from parallel import D, decode_view, to_device
 from ppo import response_logprobs
 from task import WordTask, load_task
 
@@ -51,10 +51,9 @@ def run_sample(cfg: SampleConfig):
                for _ in range(cfg.n)]
     ids, mask = pad_left(prompts, tok.pad_id)
     gen = torch.Generator(device=D.device).manual_seed(cfg.seed)
-    with gathered(model):  # under FSDP: the weights gathered once, not once per token
-        toks, tmask = generate(model, ids.to(D.device), mask.to(D.device), cfg.max_new_tokens, stop_ids=tok.stop_ids,
-                               pad_id=tok.pad_id, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                               generator=gen, compile_decode=cfg.compile_decode)
+    toks, tmask = generate(decode_view(model), ids.to(D.device), mask.to(D.device), cfg.max_new_tokens,
+                           stop_ids=tok.stop_ids, pad_id=tok.pad_id, temperature=cfg.temperature, top_k=cfg.top_k,
+                           top_p=cfg.top_p, generator=gen, compile_decode=cfg.compile_decode)
     for k, p in enumerate(prompts):
         print(f"--- {cfg.prompt[k // cfg.n]!r} ({'chat template' if tok.chat else 'plain format'})")
         print(tok.decode(toks[k][tmask[k]].tolist()))
@@ -112,9 +111,8 @@ def explain_responses(dpo_model, tok: Tokenizer, cfg: ExplainConfig) -> tuple[li
         return msgs, prompts, [tok.encode_response(m, r, dpo_model.args.max_seq_len // 2)
                                for m, r in zip(msgs, cfg.response)]
     ids, mask = pad_left(prompts, tok.pad_id)
-    with gathered(dpo_model):
-        toks, tmask = generate(dpo_model, ids.to(D.device), mask.to(D.device), cfg.max_new_tokens,
-                               stop_ids=tok.stop_ids, pad_id=tok.pad_id, temperature=0)
+    toks, tmask = generate(decode_view(dpo_model), ids.to(D.device), mask.to(D.device), cfg.max_new_tokens,
+                           stop_ids=tok.stop_ids, pad_id=tok.pad_id, temperature=0)
     return msgs, prompts, [toks[i][tmask[i]].tolist() for i in range(len(prompts))]
 
 

@@ -12,6 +12,7 @@ import torch
 from checks import UserError
 import hf
 from hf import EXPORT_DTYPES
+import model
 from model import ModelArgs
 from parallel import D
 
@@ -55,7 +56,8 @@ def memory_plan(models: dict, cfg, world: int, prompt_len: int) -> dict:
     --offload_frozen. On top: the actor's weights gathered whole for generation (in the compute dtype), the KV
     cache of one generation micro-batch, and the activations and fp32 logits of one training micro-batch (an
     estimate: ~34 bytes per token and hidden unit per layer in bf16 without activation checkpointing, after
-    Korthikanti et al. 2022, with SDPA storing no attention matrix; 2 per layer plus one layer's worth with it).
+    Korthikanti et al. 2022, with SDPA storing no attention matrix; 2 per layer plus one layer's worth with it) and what
+    attention keeps beside them (attention_bytes).
     Host memory per rank while loading is bounded by the rows of the largest tensor one rank reads at a time."""
     compute = 2 if cfg.bf16 else 4  # bytes of a compute-dtype value
     T, mb = prompt_len + cfg.max_response_len, cfg.micro_batch_size
@@ -75,16 +77,27 @@ def memory_plan(models: dict, cfg, world: int, prompt_len: int) -> dict:
     act = mb * T * actor.dim * (compute / 2) * (per_layer * layers + (2 * (actor.n_layers - 1)
                                                                       if cfg.activation_checkpointing else 0))
     logits = 2 * mb * T * actor.vocab_size * 4  # the logits and their fp32 log-softmax
+    attention = attention_bytes(actor, mb, T, compute) * layers
     biggest = max(a.vocab_size * a.dim for a, _ in models.values()) * 4 / world  # fp32 rows of the embedding
-    total = sum(r["bytes"] for r in rows.values()) + gathered_b + kv + act + logits
+    total = sum(r["bytes"] for r in rows.values()) + gathered_b + kv + act + logits + attention
     # the streamed export (export_hf): one parameter gathered whole in fp32 at a time on every rank (the largest is
     # the embedding), and on rank 0 its cast to the export dtype too (none for fp32; "auto" counted as bf16)
     tensor = actor.vocab_size * actor.dim * 4
     out = EXPORT_DTYPES.get(getattr(cfg, "export_dtype", "auto"), torch.bfloat16)
     export = tensor + (0 if out == torch.float32 else tensor // 4 * out.itemsize)
     return {"models": rows, "gathered_actor": gathered_b, "kv_cache": kv, "activations": act, "logits": logits,
-            "total": total, "host_load_peak": biggest, "world": world, "export_other": tensor,
+            "attention": attention, "total": total, "host_load_peak": biggest, "world": world, "export_other": tensor,
             "export_rank0": export}
+
+
+def attention_bytes(args: ModelArgs, micro: int, T: int, width: int) -> int:
+    """What one layer's attention keeps for its backward beyond its inputs, as model.ATTENTION runs it: the fused
+    kernels' fp32 log-sum-exp (micro, heads, T), and with "repeat_kv" the key and value heads repeated to every query
+    head (the kernel saves its own inputs)."""
+    lse = micro * args.n_heads * T * 4
+    if model.ATTENTION["masked_gqa"] != "repeat_kv":
+        return lse
+    return lse + 2 * micro * T * (args.n_heads - args.n_kv_heads) * args.head_dim * width
 
 
 def checkpoint_plan(slots: dict, cfg, world: int) -> dict:
@@ -106,7 +119,8 @@ def plan_text(plan: dict) -> str:
     for key, what in (("gathered_actor", "the actor gathered whole for generation"),
                       ("kv_cache", "KV cache of one generation micro-batch"),
                       ("activations", "activations of one training micro-batch (estimate)"),
-                      ("logits", "fp32 logits + log-softmax of one micro-batch")):
+                      ("logits", "fp32 logits + log-softmax of one micro-batch"),
+                      ("attention", f"what attention keeps for backward ({model.ATTENTION['masked_gqa']} GQA)")):
         lines.append(f"  {key:19s} {plan[key] / GIB:8.2f}  {what}")
     lines.append(f"  {'total':19s} {plan['total'] / GIB:8.2f}")
     lines.append(f"  host memory per rank while loading: about one tensor's shard at a time, "

@@ -18,6 +18,7 @@ padded row gives the same logits as the same row unpadded.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -183,10 +184,45 @@ class Attention(nn.Module):
             k_cache[:, :, start:start + T] = k
             v_cache[:, :, start:start + T] = v
             k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]
+        gqa = self.n_kv_heads != self.n_heads
+        if gqa and mask is not None and ATTENTION["masked_gqa"] == "repeat_kv":
+            # the fused kernels refuse this call (choose_attention): K/V repeated to every query head instead, so the
+            # memory-efficient kernel takes the mask, rather than the math kernel materialising fp32 scores
+            k, v = (x.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for x in (k, v))
+            gqa = False
         # GQA without materialising repeated K/V: SDPA broadcasts each KV head over its group of query heads
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+# How grouped-query attention with a padding mask runs: "native" (SDPA's enable_gqa) or "repeat_kv" (K/V repeated to
+# every query head, for a GPU whose fused kernels refuse a masked grouped-query call). Chosen once per process.
+ATTENTION = {"masked_gqa": "native"}
+
+
+def choose_attention(device) -> str:
+    """On a GPU, ask SDPA's fused kernels (flash, memory-efficient, cuDNN) whether one of them takes a masked
+    grouped-query call; if none does, SDPA would fall back to the math kernel and its fp32 (B, heads, T, T) scores,
+    so K/V are repeated instead. On CPU: native. Returns a line saying what was chosen."""
+    if torch.device(device).type != "cuda":
+        ATTENTION["masked_gqa"] = "native"
+        return "attention: native grouped-query SDPA (CPU)"
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.zeros(1, 4, 16, 64, device=device, dtype=torch.bfloat16)
+    kv = torch.zeros(1, 2, 16, 64, device=device, dtype=torch.bfloat16)
+    mask = torch.ones(1, 1, 16, 16, device=device, dtype=torch.bool).tril()
+    fused = []
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+        try:
+            with sdpa_kernel([backend]):
+                F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, enable_gqa=True)
+            fused.append(backend.name)
+        except RuntimeError:
+            pass
+    ATTENTION["masked_gqa"] = "native" if fused else "repeat_kv"
+    return (f"attention: masked grouped-query SDPA runs fused ({', '.join(fused)})" if fused else
+            "attention: no fused SDPA kernel takes a masked grouped-query call here: K/V repeated to every head")
 
 
 class FeedForward(nn.Module):
@@ -220,11 +256,13 @@ class KVCache:
     A layer's buffers are allocated at its first write, in the dtype its keys arrive in (under a
     mixed-precision policy that is the compute dtype, not the stored parameters' dtype).
     static=True keeps every shape fixed for the whole rollout, for a compiled decode step (generate's
-    compile_decode): the next column is a tensor (`pos`), writes go through index_copy_, and attention runs over
-    all max_len columns with the unwritten ones masked, so no shape depends on how far decoding has got.
+    compile_decode): every buffer is allocated up front (in `dtype`), the next column is a tensor (`pos`), writes go
+    through index_copy_, and attention runs over all max_len columns with the unwritten ones masked, so no shape
+    depends on how far decoding has got.
     """
 
-    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, device, static: bool = False):
+    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, device, static: bool = False,
+                 dtype: torch.dtype | None = None):
         self.shape = (batch_size, args.n_kv_heads, max_len, args.head_dim)
         self.kv = [None] * args.n_layers
         self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
@@ -232,6 +270,12 @@ class KVCache:
         self.length = 0
         self.static = static
         self.pos = torch.zeros(1, dtype=torch.long, device=device)  # static: the next column to write
+        if static:  # every buffer allocated now, and marked static: the compiled step mutates them in place, and
+            # CUDA graphs may replay over a mutated input only if it is a static one (else inductor skips them)
+            self.kv = [(torch.zeros(self.shape, dtype=dtype, device=device),
+                        torch.zeros(self.shape, dtype=dtype, device=device)) for _ in range(args.n_layers)]
+            for t in [self.key_mask, self.n_real, self.pos, *(x for kv in self.kv for x in kv)]:
+                torch._dynamo.mark_static_address(t)
 
     def append(self, real):
         """Record T new columns, real (B, T) bool: real token or pad. Returns (start, q_pos (T, 1), keys_real (B, S),
@@ -358,30 +402,52 @@ def sample_next(logits, temperature: float, top_k: int, top_p: float, generator=
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-# (model, cache shape) -> (compiled decode step, its static cache): compiled once per rollout shape, then reused
-COMPILED_STEPS = {}
+# A compiled decode step's static cache holds a multiple of this many columns: prompts of every width up to it (PPO's
+# vary with each rollout) reuse one compilation, and one set of CUDA graphs.
+DECODE_BUCKET = 64
+# On a GPU the loop asks whether every row has ended (a host sync) once per this many tokens, not after each one;
+# on CPU a sync costs nothing and it asks every token. The tokens (and the generator's state after) are the same.
+END_CHECK_EVERY = 16
+# model -> {(batch, columns, device): (compiled step, its static cache)}: each model's compiled steps live and die with
+# it (release_compiled drops them all, and dynamo's caches, between stages)
+COMPILED_STEPS = weakref.WeakKeyDictionary()
+
+
+def decode_step(model: Llama, cache: KVCache):
+    """One token for every row on a static cache: (B, 1) ids and mask -> (B, V) logits, no data-dependent shape or
+    Python branch inside (stopping is the caller's masks). What compiled_decode compiles."""
+    def step(tokens, real):
+        return model(tokens, real, cache=cache)[:, -1]
+    return step
 
 
 def compiled_decode(model: Llama, batch_size: int, max_len: int, device):
-    """A decode step compiled once for this model and rollout shape, with the static cache it works on: one token
-    for every row, (B, 1) ids and mask -> (B, V) logits, no data-dependent shape or Python branch inside (stopping is
-    the caller's masks). mode "reduce-overhead" (CUDA graphs) on a GPU, the default mode elsewhere."""
-    key = (id(model), batch_size, max_len, str(device))
-    if key not in COMPILED_STEPS:
-        cache = KVCache(model.args, batch_size, max_len, device, static=True)
-
-        def step(tokens, real):
-            return model(tokens, real, cache=cache)[:, -1]
-
+    """A decode step compiled for this model and batch, on a static cache of max_len rounded up to DECODE_BUCKET
+    columns. fullgraph: a graph break is an error, never a silent fall back to eager. mode "reduce-overhead" on a GPU:
+    the step replays as CUDA graphs (the cache is marked static, so its in-place writes are allowed); the default mode
+    elsewhere. Returns (step, cache)."""
+    columns = -(-max_len // DECODE_BUCKET) * DECODE_BUCKET
+    steps = COMPILED_STEPS.setdefault(model, {})
+    key = (batch_size, columns, str(device))
+    if key not in steps:
+        dtype = next(model.parameters()).dtype
+        cache = KVCache(model.args, batch_size, columns, device, static=True, dtype=dtype)
         mode = "reduce-overhead" if torch.device(device).type == "cuda" else None
-        COMPILED_STEPS[key] = (torch.compile(step, mode=mode, dynamic=False), cache)
-    return COMPILED_STEPS[key]
+        steps[key] = (torch.compile(decode_step(model, cache), mode=mode, fullgraph=True, dynamic=False), cache)
+    return steps[key]
+
+
+def release_compiled():
+    """Drop every compiled decode step and dynamo's caches (between stages: a new model must not inherit the old
+    one's recompile budget, and the CUDA graphs' memory goes back to the pool)."""
+    COMPILED_STEPS.clear()
+    torch._dynamo.reset()
 
 
 @torch.no_grad()
 def generate(model: Llama, prompt_ids, prompt_mask, max_new_tokens: int, *, stop_ids, pad_id: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator=None,
-             compile_decode: bool = False):
+             compile_decode: bool = False, end_check_every: int | None = None):
     """Batched sampling with a preallocated KV cache.
 
     prompt_ids, prompt_mask (B, P): left-padded prompts (the last column is real for every row).
@@ -390,33 +456,53 @@ def generate(model: Llama, prompt_ids, prompt_mask, max_new_tokens: int, *, stop
     first stop id are real; everything after is pad_id with mask False. Rows that never stop are cut at N.
     compile_decode: the per-token step runs compiled on a static cache (compiled_decode; the prompt's pass stays
     eager); sampling is the same code on the same logits, so greedy tokens equal the eager path's.
+    end_check_every: ask whether every row has ended once per this many tokens (None: END_CHECK_EVERY on a GPU, 1 on
+    CPU); the tokens and the generator's final state do not depend on it.
     """
     B, P = prompt_ids.shape
-    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=prompt_ids.device)
+    device = prompt_ids.device
+    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     if P + max_new_tokens > model.args.max_seq_len:
         raise ValueError(f"prompt width {P} + max_new_tokens {max_new_tokens} exceeds max_seq_len {model.args.max_seq_len}")
     if not bool(prompt_mask[:, -1].all()):
         raise ValueError("prompts must be left-padded: the last column must be a real token in every row")
     if compile_decode:
-        step, cache = compiled_decode(model, B, P + max_new_tokens, prompt_ids.device)
+        step, cache = compiled_decode(model, B, P + max_new_tokens, device)
         cache.reset()
     else:
-        cache = KVCache(model.args, B, P + max_new_tokens, prompt_ids.device)
-        step = lambda ids, real: model(ids, real, cache=cache)[:, -1]  # noqa: E731
-    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=prompt_ids.device)
-    done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
+        cache = KVCache(model.args, B, P + max_new_tokens, device)
+        step = decode_step(model, cache)
+    # a sync every token on CPU (it costs nothing there); on a GPU one per END_CHECK_EVERY tokens, where the
+    # generator's state is kept at each token so a loop that ran past the end puts it back where it was
+    every = end_check_every or (END_CHECK_EVERY if device.type == "cuda" else 1)
+    if generator is None and temperature > 0:
+        every = 1  # the global generator's state is not rewound: ask after every token
+    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    ended_at = torch.full((), max_new_tokens, dtype=torch.long, device=device)  # the step where every row had ended
+    states = []
     logits = model(prompt_ids, prompt_mask, cache=cache, last_only=True)[:, -1]
     n = 0
     for n in range(1, max_new_tokens + 1):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        if every > 1 and generator is not None:
+            states.append(generator.get_state())
         nxt = nxt.masked_fill(done, pad_id)
         tokens[:, n - 1] = nxt
         real = ~done
         done = done | torch.isin(nxt, stop)
-        if n == max_new_tokens or bool(done.all()):
+        if every > 1:  # (on the device: no sync)
+            ended_at = torch.where(done.all() & (ended_at == max_new_tokens), n, ended_at)
+        if n == max_new_tokens or (n % every == 0 and bool(done.all())):
             break
+        if compile_decode and device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # this step's outputs replace the last ones (already used)
         # finished rows feed a masked pad: their keys are never attended, their outputs ignored
         logits = step(nxt[:, None], real[:, None].long())
+    if every > 1:  # the loop may have run past the token where every row ended: cut there, and rewind the generator
+        n = min(n, int(ended_at))
+        if states:
+            generator.set_state(states[n - 1])
     tokens = tokens[:, :n]
     # real = up to and including the first stop id (found from the tokens, never from pad_id)
     is_stop = torch.isin(tokens, stop).long()

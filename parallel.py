@@ -1,13 +1,13 @@
 """Processes and FSDP2: where this process stands in the job, the collectives the loops use, and how a model is
 sharded. The same code runs as one plain process (`python train.py`) or N of them (`torchrun`).
 
-    from parallel import D, print0, shard, gathered
+    from parallel import D, print0, shard, decode_view
     D.rank, D.world, D.device      # set once by init_dist(), from the variables torchrun sets
 """
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -148,6 +148,7 @@ def shard(model, cfg, frozen: bool = False):
         dist.init_process_group("nccl" if D.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                                 world_size=1)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    model.compute_dtype = torch.bfloat16 if bf16 else next(model.parameters()).dtype  # what decode_view copies into
     kw = {"mp_policy": mp} if mp is not None else {}
     if frozen and getattr(cfg, "offload_frozen", False):
         kw["offload_policy"] = CPUOffloadPolicy(pin_memory=D.device.type == "cuda")
@@ -160,22 +161,34 @@ def shard(model, cfg, frozen: bool = False):
     return model
 
 
-@contextmanager
-def gathered(model):
-    """Generation runs one forward per token: gather the sharded weights once for the whole loop instead of
-    once per token, then shard them again (FSDP2 unshard / reshard)."""
-    from torch.distributed.fsdp import FSDPModule
+# a sharded model -> the plain copy generation runs on (decode_view); the copy lives as long as the model does
+DECODE_COPIES = weakref.WeakKeyDictionary()
 
-    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for m in mods:  # unshard() is not recursive: every block and the root, each once
-        m.set_reshard_after_forward(False, recurse=False)
-        m.unshard()
-    try:
-        yield  # call model(...) inside, never a block directly: FSDP's root bookkeeping runs in root.forward
-    finally:
-        for m in mods:
-            m.reshard()
-            m.set_reshard_after_forward(True, recurse=False)
+
+def decode_view(model):
+    """The model generation runs on. A plain module is its own; a sharded one (FSDP2: several processes, or --bf16)
+    gets a plain copy without FSDP hooks, its weights gathered whole in the compute dtype (bf16 under --bf16), and
+    refreshed in place from the shards at every call, once per rollout: its addresses stay fixed, so a compiled
+    decode step's CUDA graphs stay valid. A decode step then runs no FSDP hook and no all-gather; the memory plan
+    counts the copy ("gathered_actor"). Every rank calls this together (each parameter is an all-gather)."""
+    if not any(hasattr(p, "full_tensor") for p in model.parameters()):
+        return model
+    from model import Llama
+
+    copy = DECODE_COPIES.get(model)
+    if copy is None:
+        with torch.device("meta"):
+            copy = Llama(model.args)
+        copy = copy.to_empty(device=D.device).to(getattr(model, "compute_dtype", torch.float32))
+        if model.args.tie_embeddings:
+            copy.output.weight = copy.tok_embeddings.weight
+        copy.eval().requires_grad_(False)
+        DECODE_COPIES[model] = copy
+    params = dict(copy.named_parameters())
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # one parameter gathered at a time: bounded memory
+            params[name].copy_(p.full_tensor())
+    return copy
 
 
 def full_state_dict(model) -> dict[str, torch.Tensor]:

@@ -89,7 +89,7 @@ DEMO = {"sft": dict(lr=3e-3, epochs=3),
 OFFLINE = {"r-dpo": dict(loss_type="rdpo"), "simpo": dict(loss_type="simpo", beta=2.0), "tdpo": dict(loss_type="tdpo2")}
 
 STAGES = {"sft": train.SFTConfig, "dpo": train.DPOConfig, "rm": train.RMConfig, "ppo": train.PPOConfig}
-PATHS = ("out", "data", "eval_data", "model", "prompts", "policy", "init", "dpo", "rm", "task", "tokenizer")  # not --set
+PATHS = ("out", "data", "eval_data", "model", "prompts", "policy", "dpo", "rm", "task", "tokenizer")  # `all` sets these
 OWN_DATA = ("sft_data", "prefs", "eval_prefs", "prompts", "eval_prompts")
 
 
@@ -219,12 +219,15 @@ def eval_settings(pc: PipelineConfig, ppo_cfg=None) -> EvalSettings:
 
 
 def same_run(cfg, final: Path) -> bool:
-    """final/ was written by a finished run of this very config (up to fields that change nothing it computed)."""
+    """final/ was written by a finished run of this very config (up to fields that change nothing it computed). A
+    field the finished run did not have yet (a fork's new hyper-parameter) counts as equal at its default value."""
     saved = final / "train_config.json"
     if not saved.is_file():
         return False
     ignore = ("progress", "overwrite", "save_every", "resume")
+    defaults = json.loads(config_json(type(cfg)()))
     now, then = json.loads(config_json(cfg)), json.loads(saved.read_text())
+    then = {**{k: defaults[k] for k in now if k not in then and k in defaults}, **then}
     return {k: v for k, v in now.items() if k not in ignore} == {k: v for k, v in then.items() if k not in ignore}
 
 

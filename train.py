@@ -42,8 +42,8 @@ from data import (check_context, check_pairs, chunks, collate, encode_rows, pad_
                   read_preferences, read_prompts, read_sft)
 from hf import Tokenizer
 from memory import checkpoint_plan, measured_memory, plan_text, reference_cost
-from model import Llama, generate
-from parallel import D, all_max, all_sum, gathered, print0, progress, reduce_metrics, to_device
+from model import Llama, generate, release_compiled
+from parallel import D, all_max, all_sum, decode_view, print0, progress, reduce_metrics, to_device
 from rundir import Logger, promote_records, start_run, write_json
 from task import load_task
 
@@ -104,9 +104,8 @@ class PairsConfig(Config):
 class DPOConfig(PairsConfig):
     out: str = option("runs/dpo", "run directory")
     lr: float = option(5e-7, "peak learning rate", POS)
-    loss_type: str = option("sigmoid", "the preference loss, a row of dpo.LOSSES: sigmoid (DPO) | ipo | rdpo (R-DPO) | "
-                                       "simpo (SimPO: no reference) | tdpo1 | tdpo2 (TDPO)",
-                            choices=tuple(dpo_math.LOSSES))
+    loss_type: str = option("sigmoid", f"the preference loss, a row of dpo.LOSSES: {' | '.join(dpo_math.LOSSES)} "
+                                       f"(sigmoid: DPO)", choices=tuple(dpo_math.LOSSES))
     beta: float = option(0.1, "DPO beta: strength of the KL anchor to the reference (the SFT model); SimPO's reward "
                               "scale (its paper: 2.0-2.5)", POS)
     label_smoothing: float = option(0.0, "conservative DPO: assumed fraction of flipped labels (0 = plain DPO)",
@@ -125,14 +124,13 @@ class RMConfig(PairsConfig):
 @dataclass
 class PPOConfig(Config, SamplingFields, TaskFields):
     prompts: str = option("", "prompt JSONL: {prompt} or {messages} rows")
-    algo: str = option("rto", "the token reward, a row of rto.ALGOS: ppo | rto | semi-rto | dpo-only | ...",
-                       choices=tuple(rto.ALGOS))
+    algo: str = option("rto", f"the token reward, a row of rto.ALGOS: {' | '.join(rto.ALGOS)}", choices=tuple(rto.ALGOS))
     policy: str = option("", "the SFT checkpoint: pi_ref (the KL anchor, the reference of RTO's DPO reward) and, "
                              "unless --init, the actor's start")
     init: str = option("", "the checkpoint the actor starts from ('': --policy), e.g. the DPO model")
     dpo: str = option("", "the DPO checkpoint, for the algorithms that need logp_dpo, and for --kl_anchor dpo")
-    allow_ref_mismatch: bool = option(False, "accept a --dpo model that did not start from --policy (its log-ratio "
-                                             "to pi_ref is then not its implicit reward)")
+    allow_ref_mismatch: bool = option(False, "accept a --policy that is a DPO model, or a --dpo model that did not "
+                                             "start from --policy (its log-ratio to pi_ref is then no implicit reward)")
     rm: str = option("", "the reward model checkpoint, for the algorithms that need rm_score (ppo, rto, semi-rto)")
     critic: str = option("", "critic init (default: --rm, as the reference code does; else --policy + a new head)")
     out: str = option("runs/ppo", "run directory")
@@ -141,8 +139,8 @@ class PPOConfig(Config, SamplingFields, TaskFields):
     batch_size: int = option(32, "responses per minibatch (one optimizer step), over all ranks", COUNT)
     rollout_batch_size: int = option(64, "responses per rollout (prompts x samples_per_prompt), over all ranks", COUNT)
     ppo_epochs: int = option(1, "passes over each rollout (reference code: 1)", COUNT)
-    estimator: str = option("gae", "a row of ppo.ESTIMATORS: gae (the paper's: a critic) | rloo | grpo | rloo-token | "
-                                   "reinforce++", choices=tuple(ppo_math.ESTIMATORS))
+    estimator: str = option("gae", f"advantages, a row of ppo.ESTIMATORS: {' | '.join(ppo_math.ESTIMATORS)} (gae, the "
+                                   f"paper's, has a critic)", choices=tuple(ppo_math.ESTIMATORS))
     samples_per_prompt: int = option(1, "responses sampled per prompt in a rollout (k; the group estimators need "
                                         ">= 2); rollout_batch_size and batch_size count responses", COUNT)
     whiten_advantages: bool = option(True, "whiten advantages over the whole rollout, all ranks (reference code, "
@@ -509,16 +507,17 @@ def seed_for(*parts: int) -> int:
 def sample_responses(model: Llama, tok: Tokenizer, prompts: list[list[int]], gen, *, max_new_tokens: int,
                      temperature: float, top_k: int, top_p: float, micro: int, compile_decode: bool = False) -> dict:
     """Sample one response per prompt row, in micro-batches; returns the [left-padded prompt | right-padded response]
-    batch with response_mask True up to and including each row's EOS."""
+    batch with response_mask True up to and including each row's EOS. A sharded model decodes on its plain copy,
+    refreshed from the shards first (parallel.decode_view): no FSDP hook runs per token."""
     p_ids, p_mask = pad_left(prompts, tok.pad_id)
     p_ids, p_mask = p_ids.to(D.device), p_mask.to(D.device)
     model.eval()
+    decoder = decode_view(model)
     outs = []
-    with gathered(model):
-        for rows in chunks(list(range(len(prompts))), micro):
-            outs.append(generate(model, p_ids[rows], p_mask[rows], max_new_tokens, stop_ids=tok.stop_ids,
-                                 pad_id=tok.pad_id, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen,
-                                 compile_decode=compile_decode))
+    for rows in chunks(list(range(len(prompts))), micro):
+        outs.append(generate(decoder, p_ids[rows], p_mask[rows], max_new_tokens, stop_ids=tok.stop_ids,
+                             pad_id=tok.pad_id, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen,
+                             compile_decode=compile_decode))
     R = max(t.shape[1] for t, _ in outs)
     tokens = torch.cat([torch.nn.functional.pad(t, (0, R - t.shape[1]), value=tok.pad_id) for t, _ in outs])
     mask = torch.cat([torch.nn.functional.pad(m, (0, R - m.shape[1]), value=False) for _, m in outs])
@@ -632,6 +631,8 @@ def ppo_metrics(buf: dict, rewards, comp: dict, upd: dict, golds: list[float] | 
            "reward": ppo_math.masked_sum(rewards, mask, -1), "kl": ppo_math.masked_sum(comp["kl"], mask, -1),
            "dpo_reward": ppo_math.masked_sum(comp["dpo"], mask, -1), "resp_len": mask.sum(-1).float(),
            "eos_frac": buf["ended"].float()}
+    seq.update({f"{name}_reward": ppo_math.masked_sum(v, mask, -1) for name, v in comp.items()
+                if name not in ("kl", "dpo", "score")})  # any other term of the algorithm, by its name in rto.ALGOS
     if golds is not None:
         seq["gold"] = torch.tensor(golds, device=D.device)
     stats = upd["stats"]
@@ -712,6 +713,7 @@ def run_ppo(cfg: PPOConfig):
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
             save_checkpoint(run_dir, step + 1, *state, cfg)
     bar.close()
+    release_compiled()  # the compiled decode steps (and their CUDA graphs) end with the stage
     print0(f"{measured_memory()}; planned {plan['total'] / 2**30:.2f} GiB per GPU")
     return export(actor, tok, run_dir, cfg)
 

@@ -642,3 +642,76 @@ def test_own_model_and_data_in_one_command_under_torchrun(tmp_path):
     assert res["policies"]["sft"]["win_vs_sft"] == 0.5 and res["policies"]["sft"]["kl"] == 0.0
     assert "| policy | RM score | win rate vs SFT (RM) |" in (out / "results.md").read_text()
     assert [r["step"] for r in metrics(out / "rto")] == [1, 2]
+
+
+DECODE_VIEW = '''
+import json, sys
+from contextlib import contextmanager
+sys.path.insert(0, {root!r})
+import torch
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+import checkpoint, model, parallel, train
+
+parallel.init_dist("cpu")
+calls = [0]
+real_unshard = FSDPParamGroup.unshard
+
+
+def counting_unshard(self, *args, **kwargs):  # every FSDP unshard, whether it gathers or finds the weights there
+    calls[0] += 1
+    return real_unshard(self, *args, **kwargs)
+
+
+FSDPParamGroup.unshard = counting_unshard
+
+
+@contextmanager
+def gathered(m):  # the path decode_view replaced: generate on the FSDP model, every unit unsharded for the loop
+    mods = [x for x in m.modules() if isinstance(x, FSDPModule)]
+    for x in mods:
+        x.set_reshard_after_forward(False, recurse=False)
+        x.unshard()
+    yield
+    for x in mods:
+        x.reshard()
+        x.set_reshard_after_forward(True, recurse=False)
+
+
+out = {{}}
+for bf16 in (False, True):
+    m = checkpoint.open_model({ckpt!r}, "lm", train.PPOConfig(bf16=bf16), frozen=True)
+    ids = torch.randint(3, m.args.vocab_size, (3, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    kw = dict(stop_ids=[1, 2], pad_id=0, temperature=1.0)
+    with gathered(m):
+        before = calls[0]
+        old = model.generate(m, ids, mask, 12, generator=torch.Generator().manual_seed(5), **kw)
+        old_calls = calls[0] - before
+    copy = parallel.decode_view(m)
+    before = calls[0]
+    new = model.generate(copy, ids, mask, 12, generator=torch.Generator().manual_seed(5), **kw)
+    out[str(bf16)] = {{"same": bool(torch.equal(old[0], new[0]) and torch.equal(old[1], new[1])),
+                      "tokens": int(new[1].sum()), "old_unshards": old_calls, "new_unshards": calls[0] - before,
+                      "steps": int(new[0].shape[1]), "dtype": str(next(copy.parameters()).dtype)}}
+json.dump(out, open({out!r} + f".{{parallel.D.rank}}.json", "w"))
+parallel.close_dist(True)
+'''
+
+
+def test_decode_view_same_tokens_no_fsdp_hooks_per_token(tmp_path):
+    """Under 2-process gloo, fp32 and bf16 (FSDP's mixed precision): sampling on parallel.decode_view's plain copy
+    gives the tokens of the path it replaced (generate on the FSDP model, every unit unsharded for the loop), and runs
+    no FSDP unshard at all while decoding, where the old path ran one per unit per token."""
+    script = tmp_path / "decode_view.py"
+    script.write_text(DECODE_VIEW.format(root=str(ROOT), ckpt=str(ROOT / "tests" / "fixtures" / "llama_gqa"),
+                                         out=str(tmp_path / "res")))
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+         str(script)], tmp_path / "decode_view.log")
+    for rank in (0, 1):
+        res = json.loads((tmp_path / f"res.{rank}.json").read_text())
+        for bf16, r in res.items():
+            assert r["same"] and r["tokens"] > 3, (rank, bf16, r)
+            assert r["new_unshards"] == 0 and r["old_unshards"] >= r["steps"], (rank, bf16, r)
+            assert r["dtype"] == ("torch.bfloat16" if bf16 == "True" else "torch.float32")

@@ -27,6 +27,7 @@ ENDED = torch.tensor([False, True, True])
 # delimiters: row 0 at t=1; row 1 at t=0 and in the padding at t=3 (ignored); row 2 on its last token
 DELIM = torch.tensor([[0, 1, 0, 0], [1, 0, 0, 1], [0, 0, 1, 0]]).bool()
 KW = dict(beta1=0.1, dpo_clip=0.05, beta2=0.1, beta3=1.0, no_eos_penalty=1.0)
+HP = {}  # a new term's own hyper-parameters, by name (train.py passes every PPOConfig field): add yours here
 
 # By hand:
 # -beta2 * KL:       [-0.02, 0.01, 0.0, -0.04] / [-0.01, -0.03] / [0.02, 0.0, -0.05]
@@ -55,7 +56,7 @@ EXPECTED = {
 
 def run(algo, **overrides):
     kw = dict(logp=LOGP, logp_anchor=LOGP_REF, logp_ref=LOGP_REF, mask=MASK, rm_score=RM_SCORE, logp_dpo=LOGP_DPO,
-              delimiter_mask=DELIM, ended=ENDED, **KW)
+              delimiter_mask=DELIM, ended=ENDED, hp=HP, **KW)
     kw.update(overrides)
     return dense_rewards(algo, **kw)
 

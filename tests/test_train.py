@@ -234,6 +234,11 @@ def test_reuse_keeps_the_shared_stages(tmp_path):
     train.main(base)
     second = stamps()
     assert {s: second[s] == first[s] for s in second} == {"sft": True, "dpo": True, "rm": True, "ppo": False}
+    # a fork's new field, at its default, is the same setting: a DPO run made before the field existed is kept
+    saved = tmp_path / "dpo" / "final" / "train_config.json"
+    saved.write_text(json.dumps({k: v for k, v in json.loads(saved.read_text()).items() if k != "tdpo_alpha"}))
+    train.main(base)
+    assert stamps()["dpo"] == second["dpo"]
     train.main(base + ["--set", "dpo.beta=0.2"])
     third = stamps()
     assert {s: third[s] == second[s] for s in third} == {"sft": True, "dpo": False, "rm": True, "ppo": False}
@@ -329,7 +334,11 @@ def test_ppo_from_the_dpo_model(pipeline, tmp_path):
     assert first["kl"] > 0 and first["dpo_reward"] != 0.0 and first["first_logp_dev"] == 0.0
     bad = ppo_args(out, tmp_path / "bad", *common)
     bad[bad.index("--policy") + 1] = str(out / "dpo" / "final")
-    with pytest.raises(ValueError, match=r"--policy is the DPO model itself.*--init.*--allow_ref_mismatch"):
+    with pytest.raises(ValueError, match=r"--policy .* is a DPO model.*--init .*dpo/final.*--allow_ref_mismatch"):
         train.main(bad)
+    ppo_bad = [a if a != "rto" else "ppo" for a in bad] + ["--algo", "ppo"]  # no DPO term: still pi_ref = pi_dpo
+    with pytest.raises(ValueError, match=r"is a DPO model \(its train_config.json\): pi_ref, the model the KL term keeps "
+                                         r"pi near, would be the DPO model"):
+        train.main(ppo_bad)
     train.main(bad + ["--allow_ref_mismatch"])
     assert metrics(tmp_path / "bad")[0]["dpo_reward"] == 0.0  # what the error was about
