@@ -5,6 +5,7 @@
     python bench.py --decode_batches 1,16 --no_reference   # eager against compiled decode (--compile_decode)
     python3 bench.py gpu --results OUT --work /tmp/scratch  # every GPU measurement, section by section (docs/gpu.md)
     python bench.py gpu --tiny --device cpu --results R --work W   # the same command proven on CPU
+    python bench.py data --pairs 60000                       # reading and encoding preference data at scale
 
 Prints, side by side: training-step tokens/s (forward + backward + AdamW) and generation tokens/s
 (batch 16, 64-token prompts, 128 new tokens, greedy, no early stop). The reference column needs
@@ -76,6 +77,16 @@ def main():
                    help="e.g. 1,16: also time decoding eager against --compile_decode (static cache + torch.compile) "
                         "at these batch sizes, the compilation reported apart")
     a = p.parse_args()
+    from model import PRESETS
+
+    problems = ([] if a.preset in PRESETS else [f"--preset {a.preset!r}: choose from {', '.join(PRESETS)}"]) + \
+        ([] if isinstance(getattr(torch, a.dtype, None), torch.dtype) else [f"--dtype {a.dtype!r}: not a torch dtype"]) + \
+        ([] if all(x.strip().isdigit() and int(x) > 0 for x in filter(None, a.decode_batches.split(","))) else
+         [f"--decode_batches {a.decode_batches!r}: expected positive integers, e.g. 1,16"]) + \
+        ([] if a.device in ("cpu", "cuda") and (a.device == "cpu" or torch.cuda.is_available()) else
+         [f"--device {a.device!r}: cpu, or cuda where there is one"])
+    if problems:
+        raise SystemExit("bench.py: " + "; ".join(problems))
     torch.manual_seed(0)
     device, dtype = torch.device(a.device), getattr(torch, a.dtype)
     ours = Llama(ModelArgs.preset(a.preset)).to(device, dtype)
@@ -208,6 +219,92 @@ def cudagraph_skip_reasons(model, batch: int, max_len: int, mark_static: bool = 
     if len(graphs) != 1:
         raise RuntimeError(f"the decode step compiled to {len(graphs)} graphs, expected exactly one")
     return reasons
+
+
+# ==========================================================================================================
+# `python bench.py data`: preference data at UltraFeedback's size (60k pairs), from the file to the first DPO step
+
+WORDS = ("the of and to in is you that it he was for on are as with his they at be this have from or one had by word "
+         "but not what all were we when your can said there use an each which she do how their if will up other about "
+         "out many then them these so some her would make like him into time has look two more write go see number "
+         "no way could people my than first water been call who oil its now find long down day did get come made may "
+         "part").split()
+
+
+def data_main(argv):
+    p = argparse.ArgumentParser(prog="bench.py data", description="reading, encoding and the first DPO step of a "
+                                "preference file of --pairs rows (UltraFeedback-shaped: chat messages)")
+    p.add_argument("--pairs", type=int, default=60000)
+    p.add_argument("--work", default="runs/bench_data", help="scratch folder for the file, a tiny checkpoint, the run")
+    p.add_argument("--tokenizer", default=str(Path(__file__).with_name("tests") / "fixtures" / "chat" / "smollm2"),
+                   help="a checkpoint's tokenizer files (default: the SmolLM2 chat layout of the tests, whose vocabulary "
+                        "is cut to 420 tokens: about twice the tokens per word of the real one)")
+    a = p.parse_args(argv)
+    fixture = Path(a.tokenizer)
+    if a.pairs < 64 or not (fixture / "tokenizer.json").is_file():
+        raise SystemExit(f"bench.py data: need --pairs >= 64 and --tokenizer DIR with a tokenizer.json ({fixture})")
+    from data import encode_examples, read_preferences
+    from hf import Tokenizer
+
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    prefs, ckpt = synthetic_preferences(work / "prefs.jsonl", a.pairs), tiny_chat_checkpoint(fixture, work / "ckpt")
+    t0 = time.perf_counter()
+    rows = read_preferences(prefs)
+    t_read = time.perf_counter() - t0
+    tok = Tokenizer.from_dir(ckpt)
+    t0 = time.perf_counter()
+    encode_examples(rows, tok, 256, 256, lambda r: [r.chosen, r.rejected])
+    t_encode = time.perf_counter() - t0
+    run = work / "dpo"
+    shutil.rmtree(run, ignore_errors=True)
+    cmd = [sys.executable, str(Path(__file__).with_name("train.py")), "dpo", "--data", str(prefs), "--model",
+           str(ckpt), "--out", str(run), "--max_steps", "1", "--batch_size", "8", "--micro_batch_size", "8",
+           "--no-progress"]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    t_dpo = time.perf_counter() - t0
+    if done.returncode:
+        raise SystemExit(f"bench.py data: the DPO run failed:\n{done.stderr[-2000:]}")
+    mb = prefs.stat().st_size / 1e6
+    print(f"{a.pairs} pairs ({mb:.0f} MB), tokenizer {fixture} ({tok.vocab_size} tokens), {torch.get_num_threads()} "
+          f"threads")
+    print(f"read    {t_read:6.1f} s  {a.pairs / t_read:8.0f} pairs/s")
+    print(f"encode  {t_encode:6.1f} s  {a.pairs / t_encode:8.0f} pairs/s  (prompt, chosen, rejected; 256 + 256 tokens)")
+    print(f"train.py dpo --max_steps 1, from its start to its end: {t_dpo:.1f} s")
+    return {"pairs": a.pairs, "read_s": t_read, "encode_s": t_encode, "dpo_first_step_s": t_dpo}
+
+
+def synthetic_preferences(path: Path, n: int) -> Path:
+    """n UltraFeedback-shaped rows (a prompt string, chosen and rejected as message lists) of random words: prompts of
+    20-120 words, answers of 30-200."""
+    rng = np.random.default_rng(0)
+
+    def text(lo, hi):
+        return " ".join(WORDS[i] for i in rng.integers(len(WORDS), size=int(rng.integers(lo, hi + 1))))
+
+    with open(path, "w") as f:
+        for _ in range(n):
+            q = text(20, 120)
+            f.write(json.dumps({"prompt": q, "score_chosen": 8.0, "score_rejected": 3.0, **{
+                side: [{"role": "user", "content": q}, {"role": "assistant", "content": text(30, 200)}]
+                for side in ("chosen", "rejected")}}) + "\n")
+    return path
+
+
+def tiny_chat_checkpoint(fixture: Path, out: Path) -> Path:
+    """A 1-layer random model around a real chat layout's tokenizer files."""
+    from hf import Tokenizer
+
+    tok = Tokenizer.from_dir(fixture)
+    torch.manual_seed(0)
+    model = Llama(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=tok.vocab_size, hidden_dim=64,
+                            rope_theta=10000.0, max_seq_len=1024))
+    hf.save(model, out)
+    for f in fixture.iterdir():
+        if f.is_file() and f.name not in ("config.json", "expected.json"):
+            shutil.copy(f, out / f.name)
+    return out
 
 
 # ==========================================================================================================
@@ -599,5 +696,7 @@ def bench_torchrun(s, device, dtype, peak, work, device_name):
 if __name__ == "__main__":
     if sys.argv[1:2] == ["gpu"]:
         gpu_main(sys.argv[2:])
+    elif sys.argv[1:2] == ["data"]:
+        data_main(sys.argv[2:])
     else:
         main()

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 import hf
-from checks import UserError, check_outputs, check_weights
+from checks import UserError, check_export_range, check_outputs, check_regular, check_weights
 from config import config_json
 from hf import Tokenizer
 from memory import check_fits
@@ -70,6 +70,11 @@ def describe_tokenizer(model: Llama, tok: Tokenizer | None, path: str):
     pad), and config.json's bos/eos/pad ids (read by HF tools) set to the tokenizer's."""
     if tok is None:
         return
+    own = tok.vocab_size - len(tok.added_tokens)  # the ids the checkpoint's tokenizer.json itself can produce
+    if own > model.args.vocab_size:
+        raise UserError(f"{path or 'the tokenizer'}/tokenizer.json makes ids up to {own - 1}, but {path or 'the new model'}"
+                        f"{'/config.json' if path else ''} has vocab_size {model.args.vocab_size}: this tokenizer is "
+                        f"not the model's (or the model was cut): use the model's own tokenizer files")
     if tok.added_tokens:  # a new pad token: it needs an embedding row (a spare one, or one more)
         if tok.vocab_size > model.args.vocab_size:
             print0(f"{path}: embedding grown from {model.args.vocab_size} to {tok.vocab_size} rows for "
@@ -117,7 +122,7 @@ def export_dtype(model: Llama, cfg) -> torch.dtype:
     return hf.EXPORT_DTYPES[choice] if choice != "auto" else getattr(model, "source_dtype", torch.float32)
 
 
-def export_hf(model: Llama, tok: Tokenizer, path: Path, cfg):
+def export_hf(model: Llama, tok: Tokenizer, path: Path, cfg, extra_files: dict | None = None):
     """The trained model as a complete HF checkpoint, written by rank 0: config.json (with this tokenizer's
     bos/eos/pad ids), the weights (sharded with an index above 2 GB), the tokenizer files carried over from the
     input (chat template and special tokens intact), generation_config.json (every stop id) and train_config.json.
@@ -129,6 +134,7 @@ def export_hf(model: Llama, tok: Tokenizer, path: Path, cfg):
     check_outputs("export", {"model": model})
     dtype, args, sd = export_dtype(model, cfg), model.args, model.state_dict()
     ours = {hf.hf_name(k): k for k in sd if not (k == "output.weight" and args.tie_embeddings)}
+    check_export_range({name: sd[k] for name, k in ours.items()}, dtype)
 
     def fetch(name):
         t = sd[ours[name]]
@@ -136,7 +142,7 @@ def export_hf(model: Llama, tok: Tokenizer, path: Path, cfg):
         return full.detach().to(dtype).cpu() if D.main else None
 
     extra = {**tok.hf_files(), "generation_config.json": tok.generation_config_json(),
-             "train_config.json": config_json(cfg)}
+             "train_config.json": config_json(cfg), **(extra_files or {})}
     meta = {n: (tuple(sd[k].shape), dtype) for n, k in ours.items()}
     hf.save_streamed(meta, fetch, hf.config_from_args(args), path, EXPORT_SHARD_BYTES, extra, writer=D.main)
     barrier()
@@ -159,7 +165,9 @@ def sha256(path: Path) -> str:
 
 
 def checkpoint_files(ckpt: Path) -> list[str]:
-    return sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST)
+    files = [p for p in ckpt.rglob("*") if not (p.is_dir() and not p.is_symlink())]
+    return sorted(str(p.relative_to(ckpt)) for p in files if check_regular(p, "a checkpoint's file") and
+                  p.name != MANIFEST)
 
 
 def hash_files(ckpt: Path, names: list[str]) -> dict[str, str]:
@@ -185,6 +193,7 @@ def verify_manifest(ckpt: Path):
     same sha256, nothing missing, nothing added. Runs before any of its files is read."""
     path = ckpt / MANIFEST
     try:
+        check_regular(path, "a checkpoint's manifest")
         listed = json.loads(path.read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{ckpt}: no readable {MANIFEST} ({e.__class__.__name__}); not a checkpoint this project "
@@ -346,6 +355,7 @@ def load_checkpoint(path: Path, models: dict, optims: dict, scheds: dict) -> int
 def read_meta(ckpt: Path) -> dict:
     """A checkpoint's meta.json: the step (an int >= 1) and a scheduler state per trained model."""
     try:
+        check_regular(ckpt / "meta.json", "a checkpoint's meta.json")
         meta = json.loads((ckpt / "meta.json").read_text())
         ok = (isinstance(meta, dict) and isinstance(meta.get("step"), int) and not isinstance(meta["step"], bool)
               and meta["step"] >= 1 and isinstance(meta.get("schedulers"), dict))

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 import dpo as dpo_math
+import ppo as ppo_math
 import rto
 from parallel import D, all_sum
 
@@ -92,9 +93,7 @@ def check_batch(cfg, n: int, batch_size: int, what: str) -> int:
 
 def check_slot(path: str, flag: str, want: str | None, policy: str | None = None):
     """Before any weights are read: the checkpoint at --flag is the right kind (want "lm": a policy, "score": a reward
-    model, None: either) and, when policy is given, speaks the policy's vocabulary (same tokens, same ids)."""
-    import tokenizers
-
+    model, None: either) and, when policy is given, shares the policy's tokenizer (tokenizer_identity)."""
     from hf import read_json_file
 
     cfg = read_json_file(Path(path) / "config.json")
@@ -106,29 +105,59 @@ def check_slot(path: str, flag: str, want: str | None, policy: str | None = None
         what = {"lm": "a causal LM (a policy)", "score": "a reward model (train.py rm writes one)"}
         raise UserError(f"--{flag} {path} is a {arch}, {what[kind]}; --{flag} takes {what[want]}")
     if policy is not None:
-        vocab = {}
-        for d in (policy, path):
-            try:
-                vocab[d] = tokenizers.Tokenizer.from_file(str(Path(d) / "tokenizer.json")).get_vocab(True)
-            except Exception as e:
-                raise UserError(f"{Path(d) / 'tokenizer.json'}: cannot be read ({e})") from None
-        if vocab[policy] != vocab[path]:
-            differ = len(set(vocab[policy].items()) ^ set(vocab[path].items()))
-            raise UserError(f"--{flag} {path} has another tokenizer than --policy {policy} ({differ} token/id pairs "
-                            f"differ): every model of a PPO run must share the policy's vocabulary")
+        ours, theirs = tokenizer_identity(policy), tokenizer_identity(path)
+        differ = [part for part in ours if ours[part] != theirs[part]]
+        if differ:
+            raise UserError(f"{Path(path) / 'tokenizer.json'} maps text to ids differently from "
+                            f"{Path(policy) / 'tokenizer.json'} (--{flag} against --policy: their {', '.join(differ)} "
+                            f"differ): every model of a PPO run must share the policy's tokenizer")
+
+
+def tokenizer_identity(d: str) -> dict[str, str]:
+    """What maps text to ids, as sha256 digests by part: tokenizer.json's normalizer, pre-tokenizer, model (vocabulary
+    and merges) and added tokens, and which tokens the checkpoint calls bos/eos/pad/unk (tokenizer_config.json)."""
+    import hashlib
+
+    from hf import NEW_PAD, SPECIAL_KEYS, read_json_file
+
+    path = Path(d) / "tokenizer.json"
+    check_regular(path, "a tokenizer")
+    try:
+        tk = json.loads(path.read_text(encoding="utf-8"))
+        tk = tk if isinstance(tk, dict) else {}
+    except (OSError, ValueError, RecursionError) as e:
+        raise UserError(f"{path}: cannot be read ({e.__class__.__name__}: {str(e)[:100]})") from None
+    config = read_json_file(Path(d) / "tokenizer_config.json") or {}
+    # the pad only fills (and a pad token this project added, hf.NEW_PAD, is no text anyone writes): not compared
+    added = [t for t in tk.get("added_tokens") or [] if not (isinstance(t, dict) and t.get("content") == NEW_PAD)]
+    parts = {"normalizer": tk.get("normalizer"), "pre_tokenizer": tk.get("pre_tokenizer"), "model": tk.get("model"),
+             "added_tokens": added, "special tokens": {k: config.get(k) for k in SPECIAL_KEYS if k != "pad_token"}}
+    return {k: hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest() for k, v in parts.items()}
 
 
 def saved_config(run: str) -> dict | None:
     """The train_config.json a checkpoint of this project carries (None for any other checkpoint)."""
     path = Path(run) / "train_config.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not check_regular(path, "a run's config"):
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise UserError(f"{path}: not a readable config ({e.__class__.__name__}); the checkpoint is damaged") from None
+    return saved if isinstance(saved, dict) else None
 
 
 def check_implicit_reward(dpo_dir: str):
     """RTO's DPO term is log(pi_dpo / pi_ref): a model trained without a reference (SimPO) has no such implicit
-    reward, and its log-ratio to the SFT model would be a number with no meaning. Refused, naming the run."""
-    loss_type = (saved_config(dpo_dir) or {}).get("loss_type", "sigmoid")
-    if loss_type in dpo_math.LOSSES and not dpo_math.LOSSES[loss_type].token_reward:
+    reward, and its log-ratio to the SFT model would be a number with no meaning. Refused, naming the run. What the
+    model was trained with is read from its config.json (rto_loss_type, every export of `train.py dpo` says), else
+    from the train_config.json beside it."""
+    from hf import read_json_file
+
+    config = read_json_file(Path(dpo_dir) / "config.json") or {}
+    loss_type = config.get("rto_loss_type") or (saved_config(dpo_dir) or {}).get("loss_type", "sigmoid")
+    if config.get("rto_implicit_reward") is False or (loss_type in dpo_math.LOSSES and
+                                                      not dpo_math.LOSSES[loss_type].token_reward):
         raise UserError(f"--dpo {dpo_dir} was trained with loss_type {loss_type!r}, which has no reference model: its "
                         f"log-ratio to pi_ref is no implicit reward, so it gives RTO no token reward; use a run of "
                         f"sigmoid (DPO), ipo, rdpo or tdpo")
@@ -188,3 +217,109 @@ def rm_score_stats(cfg, rm_model) -> tuple[float, float]:
                         f"gave every held-out response the same score, so normalising by it is meaningless; "
                         f"retrain the RM or pass --no-normalize_reward")
     return mean, std
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files: a run reads and writes only regular files, never through a link
+
+
+def check_regular(path: Path, what: str) -> bool:
+    """path is a regular file (True) or nothing (False); anything else (a symbolic link, a named pipe, a directory, a
+    device) is refused with its path and what it is, before it is opened: a link would be followed to a file of
+    someone else's, a pipe would hang the run."""
+    import stat
+
+    try:
+        mode = Path(path).lstat().st_mode
+    except FileNotFoundError:
+        return False
+    if stat.S_ISREG(mode):
+        return True
+    kind = ("a symbolic link" if stat.S_ISLNK(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else
+            "a directory" if stat.S_ISDIR(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device file")
+    raise UserError(f"{path} is {kind}, where {what} belongs: a run reads and writes only regular files it made; "
+                    f"move it away")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Processes: every rank runs rank 0's config
+
+# environment variables that change what a run computes or reports (a rank started with another of them would run
+# another experiment than rank 0's)
+SHAPING_ENV = ("RTO_DEBUG", "PYTHONHASHSEED", "CUBLAS_WORKSPACE_CONFIG", "NVIDIA_TF32_OVERRIDE", "OMP_NUM_THREADS",
+               "MALLOC_MMAP_THRESHOLD_")
+
+
+def check_ranks_agree(cfg):
+    """Under torchrun, every rank's config and the environment that shapes it equal rank 0's, or every rank stops at
+    once with one error naming the first field that differs and the ranks that differ (before any work: a rank with
+    its own learning rate would update its shards differently, and train_config.json would record rank 0's)."""
+    if D.world == 1:
+        return
+    import os
+
+    import torch.distributed as dist
+
+    from config import config_json
+
+    mine = {**json.loads(config_json(cfg)), **{f"environment {k}": os.environ.get(k) for k in SHAPING_ENV},
+            "torch version": torch.__version__}
+    every = [None] * D.world
+    dist.all_gather_object(every, mine)
+    for key in sorted(set().union(*every)):
+        ranks = [r for r, c in enumerate(every) if c.get(key) != every[0].get(key)]
+        if ranks:
+            field = key if key.startswith(("environment", "torch")) else f"--{key}"
+            raise UserError(f"the ranks of this job disagree: {field} is {every[0].get(key)!r} on rank 0 but "
+                            f"{every[ranks[0]].get(key)!r} on rank{'s' if len(ranks) > 1 else ''} "
+                            f"{', '.join(map(str, ranks))}: start every rank with the same flags and environment")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Exports: a cast never makes an inf
+
+
+def check_export_range(named: dict, dtype: torch.dtype):
+    """named: HF name -> this rank's shard of each parameter. A weight beyond the largest value of the export dtype
+    (fp16: 65504) would be written as inf: refused before any file is written, naming the first such tensor and its
+    largest magnitude (the magnitudes are all-reduced, so every rank refuses together)."""
+    if dtype.itemsize >= 4:
+        return
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in named.values()]
+    peaks = torch.tensor([float(t.detach().abs().max()) if t.numel() else 0.0 for t in local], dtype=torch.float64,
+                         device=D.device)
+    if D.world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+    limit = torch.finfo(dtype).max
+    over = [(name, float(p)) for name, p in zip(named, peaks.tolist()) if p > limit]
+    if over:
+        name, peak = over[0]
+        raise UserError(f"--export_dtype {str(dtype).removeprefix('torch.')}: {name} holds values up to {peak:.6g}, "
+                        f"beyond that dtype's largest ({limit:.6g}), so the file would hold inf ({len(over)} tensors "
+                        f"do); export in bf16 or fp32 (--export_dtype bf16), nothing was written")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fields: a value set for something this run does not do
+
+
+def warn_unread(cfg, read: dict[str, bool], what: str):
+    """read: field -> whether this run reads it. A field set away from its default that this run never reads (an
+    R-DPO alpha under the sigmoid loss, a critic learning rate without a critic) is named in a warning."""
+    from parallel import print0
+
+    defaults = type(cfg)()
+    for name, used in read.items():
+        if not used and getattr(cfg, name) != getattr(defaults, name):
+            print0(f"warning: --{name} {getattr(cfg, name)}: {what} never reads it")
+
+
+def ppo_fields_read(cfg) -> dict[str, bool]:
+    """The PPOConfig fields only some runs read, and whether this one does (checks.warn_unread)."""
+    algo, est = rto.ALGOS[cfg.algo].needs, ppo_math.ESTIMATORS[cfg.estimator]
+    dpo_term, rm = "logp_dpo" in algo, "rm_score" in algo
+    return {"beta1": dpo_term, "dpo_clip": dpo_term, "delimiters": "delimiter_mask" in algo, "beta3": rm,
+            "reward_clip": rm, "normalize_reward": rm, "lam": est.critic, "value_clip": est.critic,
+            "critic_lr": est.critic, "grpo_eps": cfg.estimator == "grpo", "task_seed": bool(cfg.task)}

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from checks import UserError
+from checks import UserError, check_ranks_agree
 from model import choose_attention
 from parallel import D, close_dist, init_dist, print0
 from rundir import release_locks
@@ -75,10 +75,11 @@ def main(commands: dict, argv: list[str], description: str, default: str = "all"
     directory's lock and the process group, whether it ended well or not."""
     cfg, fn = parse_command(argv, commands, description, default)
     init_dist(cfg.device)
-    if D.device.type == "cuda":  # once per process: how masked grouped-query attention runs here (model.py)
-        print0(choose_attention(D.device))
     ok = False
     try:
+        check_ranks_agree(cfg)  # under torchrun: every rank runs rank 0's config, or none starts
+        if D.device.type == "cuda":  # once per process: how masked grouped-query attention runs here (model.py)
+            print0(choose_attention(D.device))
         torch.manual_seed(getattr(cfg, "seed", 0))
         result = fn(cfg)
         ok = True

@@ -3,22 +3,24 @@ encoding of rows into token ids with the checks that they fit.
 
     batch = collate(prompts, responses, pad_id)   # the one batch layout, below
     rows = read_sft("sft.jsonl")                  # list[SFTRow]; read_preferences, read_prompts
-    ids = encode_rows(rows, lambda r: ..., tok)   # a template's refusal named with the row's file and line
+    ids = encode_examples(rows, tok, 256, 256, lambda r: [r.response])   # (prompt ids, response ids) per row
 
 The token ids come from hf.Tokenizer (the checkpoint's own tokenizer, special tokens and chat template); the
 built-in task's data is written by task.py in these same formats.
 """
 import dataclasses
 import json
+import math
 import re
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import math
-
+import numpy as np
 import torch
 
 from checks import UserError
-from parallel import D, all_sum, print0, to_device
+from parallel import D, all_sum, print0, progress_iter, to_device
 
 # -----------------------------------------------------------------------------
 # The batch layout. Every stage uses one: prompts LEFT-padded to a common width P, responses RIGHT-padded to
@@ -63,6 +65,34 @@ def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -
         "response_mask": r_mask.bool(),
         "prompt_len": p_ids.shape[1],
     }
+
+
+# Which examples each step sees
+
+
+def global_batch(step: int, n: int, batch_size: int, seed: int) -> list[int]:
+    """The examples of global batch `step`: epochs are seeded permutations of the n examples, a global batch is a
+    contiguous slice of one. Derived from (seed, step) alone, so a resumed run sees exactly the batches the
+    uninterrupted run would have."""
+    epoch, k = divmod(step, n // batch_size)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return perm[k * batch_size:(k + 1) * batch_size].tolist()
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
+    """This rank's share of global batch `step`: rank r takes every world-th example of it."""
+    return global_batch(step, n, batch_size, seed)[D.rank::D.world]
+
+
+def seed_for(*parts: int) -> int:
+    """A 63-bit seed derived from (seed, step, rank, ...): every random draw in a step is a function of these."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> 1)
+
+
+def response_texts(buf: dict, tok) -> list[str]:
+    """The decoded text of every sampled response (its real tokens, the stop id dropped by decode)."""
+    P, mask = buf["prompt_len"], buf["response_mask"]
+    return [tok.decode(buf["input_ids"][r, P:][mask[r]].tolist()) for r in range(mask.shape[0])]
 
 
 # -----------------------------------------------------------------------------
@@ -303,25 +333,77 @@ def row_texts(row) -> list[str]:
 # Rows -> token ids, and the checks that they fit
 
 
-def encode_rows(rows, encode, tok):
-    """encode(row) for every data row, a template's refusal named with the row's file and line. Text that spells a
-    special token ("<|eot_id|>" inside a message) becomes that control token, as transformers tokenizes it too:
-    legal, but rarely meant, so the first such row is named in a warning."""
-    texts = tok.special_texts()
-    specials = re.compile("|".join(map(re.escape, texts))) if texts else None
-    out, odd = [], []
-    for r in rows:
-        try:
-            out.append(encode(r))
-        except DataError as e:
-            raise DataError(f"{r.where}: {e}") from None
-        found = next((m.group(0) for text in row_texts(r) if specials and (m := specials.search(text))), None)
-        if found is not None:
-            odd.append((r.where, found))
-    if odd:
-        print0(f"warning: {odd[0][0]}: the text holds {odd[0][1]!r}, which the tokenizer reads as that special token "
-               f"(a control token mid-text; transformers does the same); {len(odd)} of {len(rows)} rows do")
+ENCODE_CHUNK = 4096  # rows rendered and tokenized together: the tokenizer's threads get a batch, memory stays bounded
+
+
+@contextmanager
+def row_errors(row):
+    """A DataError raised while encoding this row names its file and line."""
+    try:
+        yield
+    except DataError as e:
+        raise DataError(f"{row.where}: {e}") from None
+
+
+def encode_examples(rows, tok, max_prompt_len: int, max_response_len: int, answers=lambda r: []) -> list[tuple]:
+    """Every row as (prompt ids, *response ids); answers(row) gives its response texts (none for a prompt file,
+    [response] for SFT, [chosen, rejected] for preferences). Rows are rendered one by one (a template's refusal names
+    the row's file and line), and every distinct text of a chunk is tokenized in one batch on the tokenizer's own
+    threads while the next chunk renders, so a 60k-row file costs the same per row as a small one (`python bench.py
+    data`). A prompt longer than max_prompt_len loses the middle of its longest message (hf.Tokenizer.fit_prompt), a
+    response its end beyond max_response_len; how many of each is printed. Text that spells a special token becomes
+    that control token, as transformers tokenizes it too: legal, but rarely meant, so it is warned about."""
+    out, cuts = [], {"prompts": [], "responses": 0}
+    with ThreadPoolExecutor(1) as tokenizer_thread:
+        pending = None
+        for lo in range(0, len(rows) + ENCODE_CHUNK, ENCODE_CHUNK):
+            chunk = rows[lo:lo + ENCODE_CHUNK]
+            parts = []
+            for r in chunk:  # (Python, while the tokenizer's threads encode the chunk before)
+                with row_errors(r):
+                    prompt = tok.prompt_text(r.prompt)
+                    parts.append((prompt, [tok.response_texts(r.prompt, a, prompt) for a in answers(r)]))
+            texts = list(dict.fromkeys(t for p, rs in parts for t in [p, *(x for texts in rs for x in texts)]))
+            if pending is not None:
+                out += assemble(*pending, tok, max_prompt_len, max_response_len, answers, cuts)
+            pending = (chunk, parts, texts, tokenizer_thread.submit(tok.encode_many, texts)) if chunk else None
+    where = rows[0].where.rsplit(":", 1)[0] if rows else ""
+    if cuts["prompts"]:
+        c = cuts["prompts"]
+        print0(f"{where}: {len(c)} of {len(rows)} prompts were longer than max_prompt_len {max_prompt_len}: the middle "
+               f"of their longest message was cut ({min(c)} to {max(c)} tokens, {sum(c) / len(c):.0f} on average)")
+    if cuts["responses"]:
+        print0(f"{where}: {cuts['responses']} responses were longer than max_response_len {max_response_len}: cut at "
+               f"their end (they have no EOS)")
+    warn_special_text(rows, tok)
     return out
+
+
+def assemble(chunk, parts, texts, encoded, tok, max_prompt_len, max_response_len, answers, cuts) -> list[tuple]:
+    """The ids of each row of a chunk from its texts' ids (encoded: the tokenizer thread's future)."""
+    ids = dict(zip(texts, encoded.result()))
+    out = []
+    for r, (p, rs) in zip(chunk, parts):
+        with row_errors(r):
+            prompt, cut = tok.fit_prompt(r.prompt, tok.prompt_ids(ids[p]), max_prompt_len)
+            responses = [tok.response_ids(a, t, [ids[x] for x in t], 1 << 62) for a, t in zip(answers(r), rs)]
+        cuts["prompts"] += [cut] if cut else []
+        cuts["responses"] += sum(len(x) > max_response_len for x in responses)
+        out.append((prompt, *(x[:max_response_len] for x in responses)))
+    return out
+
+
+def warn_special_text(rows, tok):
+    """Name the first row whose text spells one of the tokenizer's special tokens, and how many rows do."""
+    texts = tok.special_texts()
+    if not texts:
+        return
+    specials = re.compile("|".join(map(re.escape, texts)))
+    odd = [(r.where, m.group(0)) for r in rows for text in row_texts(r) if (m := specials.search(text))]
+    if odd:
+        rows_with = len({w for w, _ in odd})
+        print0(f"warning: {odd[0][0]}: the text holds {odd[0][1]!r}, which the tokenizer reads as that special token "
+               f"(a control token mid-text; transformers does the same); {rows_with} of {len(rows)} rows do")
 
 
 def check_context(rows, seqs, max_seq_len: int):
@@ -359,13 +441,14 @@ def pair_batch(pairs, tok) -> dict:
 
 
 @torch.no_grad()
-def pair_values(fn, pairs, tok, micro: int) -> torch.Tensor:
+def pair_values(fn, pairs, tok, micro: int, bar: str = "") -> torch.Tensor:
     """(n, 2) values [chosen, rejected] of every pair, fn(batch) -> (2k,) for a pair batch of k. Each rank
-    computes every world-th pair and all ranks receive the whole table."""
+    computes every world-th pair and all ranks receive the whole table. bar: a progress bar with this title."""
     n = len(pairs)
     out = torch.zeros(n, 2, dtype=torch.float64, device=D.device)
     mine = list(range(D.rank, n, D.world))
-    for k in range(math.ceil(math.ceil(n / D.world) / micro)):  # the same number of forwards on every rank (FSDP)
+    forwards = math.ceil(math.ceil(n / D.world) / micro)  # the same number on every rank (FSDP)
+    for k in progress_iter(range(forwards), bar):
         idx = mine[k * micro:(k + 1) * micro]
         v = fn(pair_batch([pairs[i] for i in idx or [0]], tok)).double()
         if idx:

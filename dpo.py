@@ -189,6 +189,7 @@ class Loss:
     kl: bool
     token_reward: bool
     fn: Callable
+    reads: tuple = ()  # the DPOConfig fields fn reads beyond beta (a field set for another loss is warned about)
 
 
 def _dpo(loss_type):
@@ -204,15 +205,17 @@ def _tdpo(variant):
 # Adding a preference loss is its function above plus one entry here (and a field in train.DPOConfig for any
 # hyper-parameter of its own).
 LOSSES = {
-    "sigmoid": Loss(ref=True, lengths=False, kl=False, token_reward=True, fn=_dpo("sigmoid")),  # DPO (+ cDPO)
+    "sigmoid": Loss(ref=True, lengths=False, kl=False, token_reward=True, fn=_dpo("sigmoid"),  # DPO (+ cDPO)
+                    reads=("label_smoothing",)),
     "ipo": Loss(ref=True, lengths=False, kl=False, token_reward=True, fn=_dpo("ipo")),
     "rdpo": Loss(ref=True, lengths=True, kl=False, token_reward=True, fn=lambda x, hp: rdpo_loss(
         x["pol_chosen"], x["pol_rejected"], x["ref_chosen"], x["ref_rejected"], x["len_chosen"], x["len_rejected"],
-        hp["beta"], hp["rdpo_alpha"])),
+        hp["beta"], hp["rdpo_alpha"]), reads=("rdpo_alpha",)),
     "simpo": Loss(ref=False, lengths=True, kl=False, token_reward=False, fn=lambda x, hp: simpo_loss(  # no reference
-        x["pol_chosen"], x["pol_rejected"], x["len_chosen"], x["len_rejected"], hp["beta"], hp["simpo_gamma"])),
+        x["pol_chosen"], x["pol_rejected"], x["len_chosen"], x["len_rejected"], hp["beta"], hp["simpo_gamma"]),
+        reads=("simpo_gamma",)),
     "tdpo1": Loss(ref=True, lengths=False, kl=True, token_reward=True, fn=_tdpo(1)),
-    "tdpo2": Loss(ref=True, lengths=False, kl=True, token_reward=True, fn=_tdpo(2)),
+    "tdpo2": Loss(ref=True, lengths=False, kl=True, token_reward=True, fn=_tdpo(2), reads=("tdpo_alpha",)),
 }
 
 

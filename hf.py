@@ -13,6 +13,8 @@ below for a plain single-process model).
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
 import os
@@ -180,6 +182,7 @@ def args_from_config(cfg: dict, path: str = "config.json") -> ModelArgs:
     for key in ("rto_added_tokens",):
         if cfg.get(key) is not None and not (isinstance(cfg[key], list) and all(isinstance(t, str) for t in cfg[key])):
             raise ValueError(f"{path}: field '{key}' is {cfg[key]!r}; expected a list of token strings")
+    ids = {key: _token_ids(cfg, path, key, vocab) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
     try:
         args = ModelArgs(
             dim=dim,
@@ -199,12 +202,14 @@ def args_from_config(cfg: dict, path: str = "config.json") -> ModelArgs:
             model_type=model_type,
             sliding_window=window,
             head="score" if arch == HF_ARCHITECTURES[model_type]["score"] else "lm",
-            bos_token_id=_token_ids(cfg, path, "bos_token_id", vocab),
-            eos_token_id=_token_ids(cfg, path, "eos_token_id", vocab),
-            pad_token_id=_token_ids(cfg, path, "pad_token_id", vocab),
+            bos_token_id=ids["bos_token_id"],
+            eos_token_id=ids["eos_token_id"],
+            pad_token_id=ids["pad_token_id"],
             added_tokens=list(cfg.get("rto_added_tokens") or []),
             score_mean=_optional_number(cfg, path, "rto_score_mean"),
             score_std=_optional_number(cfg, path, "rto_score_std"),
+            loss_type=cfg.get("rto_loss_type") if isinstance(cfg.get("rto_loss_type"), str) else None,
+            implicit_reward=cfg.get("rto_implicit_reward") if isinstance(cfg.get("rto_implicit_reward"), bool) else None,
         )
     except ValueError as e:  # heads that do not divide, a tied score head: ModelArgs' own checks, with the file
         raise ValueError(f"{path}: {e}") from None
@@ -251,6 +256,8 @@ def config_from_args(args: ModelArgs) -> dict:
     if args.head == "score":
         cfg["num_labels"] = 1
         cfg["rto_score_mean"], cfg["rto_score_std"] = args.score_mean, args.score_std
+    if args.loss_type is not None:  # what a DPO-stage export was trained with (checks.check_implicit_reward reads it)
+        cfg["rto_loss_type"], cfg["rto_implicit_reward"] = args.loss_type, args.implicit_reward
     return cfg
 
 
@@ -399,6 +406,9 @@ def save_streamed(meta: dict, fetch, config: dict, path, max_shard_bytes: int, e
     replace_dir(tmp, path)
 
 
+CHECKSUMS = "checksums.json"  # an export's weight files and their sha256, written with them
+
+
 def shard_plan(meta: dict, max_shard_bytes: int) -> list[list[str]]:
     """HF names in sorted order, cut into shards of at most max_shard_bytes (a larger tensor gets one of its own),
     from shapes and dtypes alone: every rank of a streamed export computes the same plan."""
@@ -426,15 +436,17 @@ def _write_streamed(meta: dict, fetch, config: dict, tmp: Path, max_shard_bytes:
     dtype = str(next(iter(meta.values()))[1]).removeprefix("torch.")
     names = ["model.safetensors"] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                                                            for i in range(len(shards))]
+    digests = {}
     for fname, shard in zip(names, shards):
         part = {n: meta[n] for n in shard}
         if writer:
-            write_safetensors(tmp / fname, part, fetch)
+            digests[fname] = write_safetensors(tmp / fname, part, fetch)
         else:
             for n in safetensors_order(part):
                 fetch(n)
     if not writer:
         return
+    (tmp / CHECKSUMS).write_text(json.dumps(digests, indent=2) + "\n")  # what --reuse checks the weights against
     (tmp / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype}, indent=2) + "\n")
     if len(shards) > 1:
         total = sum(math.prod(shape) * dt.itemsize for shape, dt in meta.values())
@@ -471,15 +483,16 @@ def safetensors_header(meta: dict) -> bytes:
     return struct.pack("<Q", len(text)) + text
 
 
-def write_safetensors(path: Path, meta: dict, fetch):
+def write_safetensors(path: Path, meta: dict, fetch) -> str:
     """A safetensors file of the tensors {name: (shape, dtype)}: the header from shapes and dtypes alone, then each
-    tensor's bytes as fetch(name) returns it, so only one tensor is in memory at a time."""
+    tensor's bytes as fetch(name) returns it, so only one tensor is in memory at a time. Returns the file's sha256."""
     if sys.byteorder != "little":
         raise NotImplementedError(f"{path}: writing safetensors on a big-endian machine is not supported")
     other = sorted({str(dt) for _, dt in meta.values() if dt not in ST_NAMES})
     if other:
         raise ValueError(f"{path}: cannot write {', '.join(other)} tensors; exports hold fp32, bf16, fp16 or fp64")
     header = safetensors_header(meta)
+    digest = hashlib.sha256(header)
     try:
         with open(path, "wb") as f:
             f.write(header)
@@ -488,10 +501,13 @@ def write_safetensors(path: Path, meta: dict, fetch):
                 if (tuple(t.shape), t.dtype) != (tuple(meta[n][0]), meta[n][1]):
                     raise ValueError(f"{path}: tensor '{n}' is {t.dtype} {tuple(t.shape)}, its header says "
                                      f"{meta[n][1]} {tuple(meta[n][0])}")
-                f.write(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-                del t
+                data = t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+                f.write(data)
+                digest.update(data)
+                del t, data
     except OSError as e:  # a write's error carries no file name: give it this one
         raise OSError(e.errno, e.strerror, str(path)) from None
+    return digest.hexdigest()
 
 
 def replace_dir(tmp: Path, path: Path):
@@ -676,6 +692,9 @@ def compile_chat_template(source: str, where: str):
     env.globals["strftime_now"] = lambda fmt: __import__("datetime").datetime.now().strftime(fmt)
     try:
         return env.from_string(source)
+    except (RecursionError, MemoryError) as e:  # a template nested deeper than jinja2's parser can follow
+        raise DataError(f"{where}: chat_template cannot be compiled ({e.__class__.__name__}: nested too deeply?)") \
+            from None
     except jinja2.TemplateSyntaxError as e:
         raise DataError(f"{where}: chat_template line {e.lineno}: {e.message}") from None
 
@@ -846,10 +865,28 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Text -> ids, special tokens in the text recognised as themselves, no BOS/EOS added (as transformers'
         apply_chat_template tokenizes: add_special_tokens=False skips the post-processor)."""
-        return self.tk.encode(text, add_special_tokens=False).ids
+        with self.rust_errors():
+            return self.tk.encode(text, add_special_tokens=False).ids
+
+    @contextmanager
+    def rust_errors(self):
+        """A failure inside the tokenizers library (a pre-tokenizer's regex that backtracks past its limit panics in
+        Rust, a BaseException) as one DataError naming the tokenizer file."""
+        try:
+            yield
+        except BaseException as e:
+            if type(e).__name__ != "PanicException":
+                raise
+            raise DataError(f"{self.source}/tokenizer.json: the tokenizer failed on this text ({str(e)[:120]}): its "
+                            f"normalizer or pre-tokenizer cannot handle it") from None
 
     def decode(self, ids, skip_special=True) -> str:
-        return self.tk.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+        return self.tk.decode(ids if isinstance(ids, list) else [int(i) for i in ids], skip_special_tokens=skip_special)
+
+    @functools.cached_property
+    def blank_ids(self) -> frozenset:
+        """The ids that are special tokens or decode to whitespace alone: a response of only these is empty."""
+        return frozenset(i for i in range(self.tk.get_vocab_size(True)) if not self.decode([i]).strip())
 
     def render(self, messages, add_generation_prompt: bool) -> str:
         """The chat template applied to messages, with the context transformers gives it (bos_token, eos_token,
@@ -897,54 +934,96 @@ class Tokenizer:
         special = {i for i, t in self.tk.get_added_tokens_decoder().items() if t.special}
         return next((i for i in self.encode(self._turn_tail) if i in special), None)
 
-    def encode_prompt(self, messages, max_len: int) -> list[int]:
-        """Messages -> ids ending with the generation cue (the template's, or "assistant:"). When longer than
-        max_len keep the BOS (if any) and the LAST ids: the latest turn and the cue the response follows matter most."""
-        assert max_len >= 2, "a prompt needs room for BOS and at least one token"
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        """encode() of many texts at once, on the tokenizer's own threads."""
+        with self.rust_errors():
+            return [e.ids for e in self.tk.encode_batch(list(texts), add_special_tokens=False)]
+
+    def prompt_text(self, messages) -> str:
+        """What a prompt is as text: the chat template's rendering with the generation cue, or the plain "role: text"
+        lines ending in "assistant:"."""
         if self.chat:
-            ids = self.encode(self.render(messages, add_generation_prompt=True))
+            return self.render(messages, add_generation_prompt=True)
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+    def prompt_ids(self, text_ids: list[int]) -> list[int]:
+        """A prompt's ids from its text's: the plain format starts with BOS (a template writes its own)."""
+        return text_ids if self.chat or self.bos_id is None else [self.bos_id] + text_ids
+
+    def encode_prompt(self, messages, max_len: int) -> list[int]:
+        """Messages -> ids ending with the generation cue (the template's, or "assistant:"), at most max_len of them
+        (fit_prompt)."""
+        return self.fit_prompt(messages, self.prompt_ids(self.encode(self.prompt_text(messages))), max_len)[0]
+
+    def fit_prompt(self, messages, ids: list[int], max_len: int) -> tuple[list[int], int]:
+        """(ids of the prompt, tokens cut). A prompt longer than max_len loses the middle of its longest message that
+        is not a system turn, and is rendered again, so the template's header, the system turn, the message's start
+        and end and the generation cue all survive; one that does not fit even with that message empty is an error."""
+        over = len(ids) - max_len
+        if over <= 0:
+            return ids, 0
+        turns = [k for k, m in enumerate(messages) if m["role"] != "system"]
+        if not turns:
+            raise DataError(f"the prompt is {len(ids)} tokens, more than max_prompt_len {max_len}, and holds only "
+                            f"system turns, which are never cut: raise --max_prompt_len")
+        k = max(turns, key=lambda t: len(messages[t]["content"]))
+        content = messages[k]["content"]
+        chars_per_token = len(content) / max(1, len(self.encode(content)))  # to estimate how much to cut
+        cut, shorter = 0, ids
+        while len(shorter) > max_len:
+            if cut == len(content):
+                raise DataError(f"the prompt is {len(ids)} tokens: with its longest message emptied it is still "
+                                f"{len(shorter)}, more than max_prompt_len {max_len} (the template and the other turns "
+                                f"take the rest): raise --max_prompt_len")
+            cut = min(len(content), cut + max(1, math.ceil((len(shorter) - max_len) * chars_per_token)))
+            keep = len(content) - cut
+            short = content[:(keep + 1) // 2] + content[len(content) - keep // 2:] if keep else ""
+            msgs = [*messages[:k], {**messages[k], "content": short}, *messages[k + 1:]]
+            shorter = self.prompt_ids(self.encode(self.prompt_text(msgs)))
+        return shorter, len(ids) - len(shorter)
+
+    def response_texts(self, messages, text: str, prompt: str | None = None) -> list[str]:
+        """The texts whose ids make the response to `messages` (response_ids): with a chat template the prompt and the
+        whole conversation, or (a template that renders a finished turn differently) the answer and the turn's close;
+        in the plain format the answer after one space. prompt: prompt_text(messages), when the caller has it."""
+        if not self.chat:  # the prompt ends in "assistant:", the answer follows after one space
+            return [" " + text]
+        prompt = prompt if prompt is not None else self.render(messages, add_generation_prompt=True)
+        full = self.render(list(messages) + [{"role": "assistant", "content": text}], add_generation_prompt=False)
+        # The template renders a finished assistant turn differently from a generation prompt followed by the answer
+        # (DeepSeek-R1's prompt ends in "<think>\n", a finished turn drops the reasoning): train on what sampling
+        # sees, the answer after the prompt, closed the way the template closes a turn.
+        return [prompt, full] if full.startswith(prompt) else [text + self._turn_tail]
+
+    def response_ids(self, text: str, texts: list[str], ids: list[list[int]], max_len: int) -> list[int]:
+        """The response's ids from the ids of its response_texts, ending with its first stop id (or eos_id added),
+        keeping the FIRST max_len ids. A response cut this way has no EOS: a truncated demonstration teaches no stop,
+        and overwriting its last id with EOS would teach a stop the data never made.
+
+        With a chat template the response is what the template writes after the generation prompt (the conversation
+        rendered with the answer, minus the prompt rendered with add_generation_prompt, as ids), so prompt + response
+        is exactly the ids transformers gives the whole conversation; it ends at its first stop id (the "\n" a
+        template writes after <|im_end|> belongs to the next turn's layout)."""
+        assert max_len >= 1
+        if len(texts) == 2:
+            p_ids, f_ids = ids
+            # a merge across the boundary would make the prompt's ids no prefix: then tokenize the rest on its own
+            body = f_ids[len(p_ids):] if f_ids[:len(p_ids)] == p_ids else self.encode(texts[1][len(texts[0]):])
         else:
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-            ids = ([] if self.bos_id is None else [self.bos_id]) + self.encode(text)
-        if len(ids) > max_len:
-            keep = 1 if ids[0] == self.bos_id else 0
-            ids = ids[:keep] + ids[len(ids) - (max_len - keep):]
-        return ids
+            body = ids[0]
+        ends = [body.index(s) for s in (self.stop_ids if self.chat else []) if s in body]
+        end = min(ends) if ends else None
+        if all(i in self.blank_ids for i in body[:end]) and not self.decode(body[:end]).strip():
+            raise DataError(f"the response {text[:60]!r} holds no text once tokenized (only special tokens"
+                            + (" before its end of turn" if self.chat else "") + "): an empty answer, which is refused "
+                            "like an empty string")
+        body = body[:end + 1] if end is not None else body + [self.eos_id]
+        return body[:max_len]
 
     def encode_response(self, messages, text: str, max_len: int) -> list[int]:
-        """The response to `messages` -> ids ending with eos_id, keeping the FIRST max_len ids. A response cut this
-        way has no EOS: a truncated demonstration teaches no stop, and overwriting its last id with EOS would teach
-        a stop the data never made.
-
-        With a chat template the response is what the template writes after the generation prompt (the
-        conversation rendered with the answer, minus the prompt rendered with add_generation_prompt, as ids), so
-        prompt + response is exactly the ids transformers gives the whole conversation; it ends at its first stop
-        id (the "\\n" a template writes after <|im_end|> belongs to the next turn's layout)."""
-        assert max_len >= 1
-        if not self.chat:  # plain format: the prompt ends in "assistant:", the answer follows after one space
-            ids = self.encode(" " + text)
-            if not self.decode(ids).strip():
-                raise DataError(f"the response {text[:60]!r} holds no text once tokenized (only special tokens): an "
-                                f"empty answer, which is refused like an empty string")
-            return (ids + [self.eos_id])[:max_len]
-        prompt = self.render(messages, add_generation_prompt=True)
-        full = self.render(list(messages) + [{"role": "assistant", "content": text}], add_generation_prompt=False)
-        if full.startswith(prompt):
-            p_ids, f_ids = self.encode(prompt), self.encode(full)
-            # a merge across the boundary would make the prompt's ids no prefix: then tokenize the rest on its own
-            ids = f_ids[len(p_ids):] if f_ids[:len(p_ids)] == p_ids else self.encode(full[len(prompt):])
-        else:
-            # The template renders a finished assistant turn differently from a generation prompt followed by the
-            # answer (DeepSeek-R1's prompt ends in "<think>\n", a finished turn drops the reasoning): train on what
-            # sampling sees, the answer after the prompt, closed the way the template closes a turn.
-            ids = self.encode(text + self._turn_tail)
-        stop = set(self.stop_ids)
-        end = next((k for k, i in enumerate(ids) if i in stop), None)
-        if not self.decode(ids[:end]).strip():
-            raise DataError(f"the response {text[:60]!r} holds no text once tokenized (only special tokens before its "
-                            f"end of turn): an empty answer, which is refused like an empty string")
-        ids = ids[:end + 1] if end is not None else ids + [self.eos_id]
-        return ids[:max_len]
+        """The response to `messages` -> ids (response_texts, then response_ids)."""
+        texts = self.response_texts(messages, text)
+        return self.response_ids(text, texts, self.encode_many(texts), max_len)
 
     def special_texts(self) -> list[str]:
         """The texts the tokenizer reads as special tokens wherever they appear ("<|eot_id|>", "</s>", ...)."""

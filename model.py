@@ -56,6 +56,8 @@ class ModelArgs:
     added_tokens: list = field(default_factory=list)  # tokens this project added to the vocabulary (a new pad)
     score_mean: float | None = None  # reward model only: score mean/std on held-out data, for PPO's normalisation
     score_std: float | None = None
+    loss_type: str | None = None  # a DPO-stage export: the preference loss it was trained with (config.json says so)
+    implicit_reward: bool | None = None  # ... and whether its log-ratio to its reference is an implicit reward
 
     def __post_init__(self):
         if not self.head_dim:

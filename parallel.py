@@ -90,6 +90,15 @@ def progress(total: int, initial: int, on: bool, desc: str) -> tqdm:
     return tqdm(total=total, initial=initial, disable=None if (on and D.main) else True, desc=desc, leave=False)
 
 
+def progress_iter(items, desc: str):
+    """items, with a bar titled desc on rank 0 on a terminal (no bar when desc is empty)."""
+    bar = progress(len(items), 0, bool(desc), desc)
+    for x in items:
+        yield x
+        bar.update(1)
+    bar.close()
+
+
 def barrier():
     if D.world > 1:
         dist.barrier()

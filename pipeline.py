@@ -28,10 +28,11 @@ from checks import UserError
 from config import (COUNT, NONNEG, POS, Bf16Field, DeviceField, RunDirFields, SeedField, SetField, check_range,
                     config_json, option)
 from cli import parse_sets
-from data import chunks, read_prompts
+from data import chunks, read_prompts, response_texts, seed_for
 from hf import Tokenizer
 from parallel import D, all_sum, barrier, print0
-from rundir import take_dir, write_json
+from checks import check_regular
+from rundir import take_dir, why_not_kept, write_json
 from task import TASKS, WordTask, train_tokenizer
 
 
@@ -125,19 +126,16 @@ DATA_FILES = ("sft", "prefs", "prompts", "eval_prefs", "eval_prompts")
 
 def task_data(pc: PipelineConfig):
     """The task, its data files and task.json under <out>/data, and a tokenizer trained on it under <out>/tokenizer
-    (rank 0). Returns (task, paths, changed): changed is False when every file came out byte for byte as it was."""
+    (rank 0). Returns (task, paths)."""
     out, task = Path(pc.out), make_task(pc)
     data = {k: out / "data" / f"{k}.jsonl" for k in DATA_FILES}
     data["task"] = out / "data" / "task.json"
-    files = [*data.values(), out / "tokenizer" / "tokenizer.json"]
-    before = [f.read_bytes() if f.is_file() else None for f in files]
     if D.main:
         task.write_data(out / "data", pc.n_sft, pc.n_pref, pc.n_prompts, pc.n_eval, rng_seed=pc.seed)
         data["task"].write_text(json.dumps(task.spec(), indent=2) + "\n")
         train_tokenizer(task.corpus(), vocab_size=pc.vocab_size).save(out / "tokenizer")
     barrier()
-    changed = any(b != (f.read_bytes() if f.is_file() else None) for b, f in zip(before, files))
-    return task, data, changed
+    return task, data
 
 
 def own_data(pc: PipelineConfig) -> dict:
@@ -189,12 +187,17 @@ def stage_configs(pc: PipelineConfig, data: dict, tok_dir: Path | None):
     pref = dict(data=str(data["prefs"]), eval_data=str(data["eval_prefs"] or ""), model=str(sft_final))
     dpo_cfg = train.DPOConfig(**merged("dpo"), **pref, out=str(out / "dpo"))
     rm_cfg = train.RMConfig(**merged("rm"), **pref, out=str(out / "rm"))
-    ppo_cfgs = {algo: train.PPOConfig(**{**merged("ppo"), "overwrite": pc.overwrite or pc.reuse}, out=str(out / algo),
-                                      algo=algo, prompts=str(data["prompts"]), policy=str(sft_final),
-                                      dpo=str(out / "dpo" / "final"), rm=str(out / "rm" / "final"),
-                                      task=str(data.get("task", "")))
+    ppo_cfgs = {algo: only_loaded(train.PPOConfig(**{**merged("ppo"), "overwrite": pc.overwrite or pc.reuse},
+                                                  out=str(out / algo), algo=algo, prompts=str(data["prompts"]),
+                                                  policy=str(sft_final), dpo=str(out / "dpo" / "final"),
+                                                  rm=str(out / "rm" / "final"), task=str(data.get("task", ""))))
                 for algo in pc.algos.split(",") if algo in rto.ALGOS}
     return sft, dpo_cfg, rm_cfg, ppo_cfgs
+
+
+def only_loaded(cfg):
+    """A PPO stage config with the DPO model or RM it never loads left out (a PPO run refuses a --dpo it never reads)."""
+    return dataclasses.replace(cfg, **{flag: "" for flag in train.HEADS if flag not in train.frozen_models(cfg)})
 
 
 def offline_config(dpo_cfg, out: Path, name: str):
@@ -222,7 +225,7 @@ def same_run(cfg, final: Path) -> bool:
     """final/ was written by a finished run of this very config (up to fields that change nothing it computed). A
     field the finished run did not have yet (a fork's new hyper-parameter) counts as equal at its default value."""
     saved = final / "train_config.json"
-    if not saved.is_file():
+    if not check_regular(saved, "a run's config"):
         return False
     ignore = ("progress", "overwrite", "save_every", "resume")
     defaults = json.loads(config_json(type(cfg)()))
@@ -231,12 +234,17 @@ def same_run(cfg, final: Path) -> bool:
     return {k: v for k, v in now.items() if k not in ignore} == {k: v for k, v in then.items() if k not in ignore}
 
 
-def run_or_reuse(cfg, fn, may_keep: bool, reuse: bool) -> bool:
-    """Run a shared stage, or (--reuse) keep the finished run it would make. Returns True when it was kept."""
+def run_or_reuse(cfg, fn, reuse: bool) -> bool:
+    """Run a shared stage, or (--reuse) keep the finished run it would make: the same config, the same inputs by
+    content (data files, the checkpoint it started from: rundir.INPUTS) and its own weights as it wrote them. Anything
+    else reruns it, and says why. Returns True when it was kept."""
     final = Path(cfg.out) / "final"
-    if may_keep and same_run(cfg, final):
-        print0(f"--reuse: {final} is what this stage would make (same config, data and upstream stage): kept")
-        return True
+    if reuse and final.is_dir():
+        why = "its config differs" if not same_run(cfg, final) else why_not_kept(final, cfg)
+        if why is None:
+            print0(f"--reuse: {final} is what this stage would make (same config, inputs and weights): kept")
+            return True
+        print0(f"--reuse: {final} is run again: {why}")
     fn(dataclasses.replace(cfg, overwrite=True) if reuse else cfg)
     return False
 
@@ -254,12 +262,12 @@ def evaluate(policy_dir: Path, ref, tok: Tokenizer, prompt_rows, ev: EvalSetting
     own = list(range(D.rank, n, D.world))
     mine = own + [own[0] if own else 0] * (math.ceil(n / D.world) - len(own))  # equal work on every rank (FSDP)
     out = {k: torch.zeros(n, dtype=torch.float64, device=D.device) for k in ("gold", "score", "kl", "len", "eos")}
-    gen = torch.Generator(device=D.device).manual_seed(train.seed_for(ev.seed, 10**6, D.rank))
+    gen = torch.Generator(device=D.device).manual_seed(seed_for(ev.seed, 10**6, D.rank))
     prompts = [tok.encode_prompt(prompt_rows[i].prompt, ev.max_prompt_len) for i in mine]
     buf = train.sample_responses(policy, tok, prompts, gen, max_new_tokens=ev.max_new_tokens,
                                  temperature=ev.temperature, top_k=ev.top_k, top_p=ev.top_p, micro=ev.micro_batch_size)
     P, mask = buf["prompt_len"], buf["response_mask"]
-    texts = train.response_texts(buf, tok)
+    texts = response_texts(buf, tok)
     seen = set()
     for rows in chunks(list(range(len(mine))), ev.micro_batch_size):
         b = train.micro_view(buf, rows)
@@ -342,20 +350,20 @@ def check_pipeline(pc: PipelineConfig):
                         f"`all` runs the built-in task")
 
 
-def train_stages(pc: PipelineConfig, data: dict, tok_dir, data_changed: bool) -> tuple[dict, dict]:
+def train_stages(pc: PipelineConfig, data: dict, tok_dir) -> tuple[dict, dict]:
     """SFT, DPO, the RM, the offline methods and every PPO variant, each kept or rerun under --reuse. Returns
     ({policy name: its final/}, the stage configs by name)."""
     sft_cfg, dpo_cfg, rm_cfg, ppo_cfgs = stage_configs(pc, data, tok_dir)
-    # --reuse: a shared stage is kept when it is the run this one would make, on the same data, after the same
-    # upstream stage (DPO and the RM both start from SFT); otherwise it runs, and so does everything after it
-    fresh = pc.reuse and not data_changed
-    sft_kept = run_or_reuse(sft_cfg, train.run_sft, fresh, pc.reuse) if sft_cfg is not None else fresh
+    # --reuse: a shared stage is kept when it is the run this one would make: its config, its inputs by content (a
+    # DPO run made from another SFT model than today's, or from data since rewritten, is run again) and its weights
+    if sft_cfg is not None:
+        run_or_reuse(sft_cfg, train.run_sft, pc.reuse)
     for stage_cfg, fn in ((dpo_cfg, train.run_dpo), (rm_cfg, train.run_rm)):
-        run_or_reuse(stage_cfg, fn, fresh and sft_kept, pc.reuse)
+        run_or_reuse(stage_cfg, fn, pc.reuse)
     policies = {"sft": Path(dpo_cfg.model), "dpo": Path(dpo_cfg.out) / "final"}
     for name in [a for a in pc.algos.split(",") if a in OFFLINE]:  # the other direct preference methods
         offline_cfg = offline_config(dpo_cfg, Path(pc.out) / name, name)
-        run_or_reuse(offline_cfg, train.run_dpo, fresh and sft_kept, pc.reuse)
+        run_or_reuse(offline_cfg, train.run_dpo, pc.reuse)
         policies[name] = Path(offline_cfg.out) / "final"
     for algo, cfg in ppo_cfgs.items():
         policies[algo] = train.run_ppo(cfg)
@@ -368,12 +376,12 @@ def run_all(pc: PipelineConfig):
     print0("== PipelineConfig\n" + config_json(pc))
     take_dir(out)  # one `all` per directory, before anything is written (its data files included)
     if pc.model:
-        task, data, data_changed, tok_dir = None, own_data(pc), False, None
+        task, data, tok_dir = None, own_data(pc), None
     else:
-        task, data, data_changed = task_data(pc)
+        task, data = task_data(pc)
         tok_dir = out / "tokenizer"
     t0 = time.perf_counter()
-    policies, cfgs = train_stages(pc, data, tok_dir, data_changed)
+    policies, cfgs = train_stages(pc, data, tok_dir)
     train_s = time.perf_counter() - t0
 
     # Judge every policy on the held-out prompts: against the gold reward on the built-in task, else the RM's score.

@@ -8,6 +8,7 @@ the repair of an export a kill interrupted. A run that fails before its first st
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -18,8 +19,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from checkpoint import latest_checkpoint
-from checks import UserError
+import hf
+from checkpoint import latest_checkpoint, sha256
+from checks import UserError, check_regular
 from config import check_range, config_json
 from parallel import D, barrier, print0
 
@@ -39,7 +41,8 @@ def take_lock(run_dir: Path):
     lock = run_dir / LOCK
     me = {"pid": os.getpid(), "host": socket.gethostname(), "start": proc_start(os.getpid()), "argv": sys.argv}
     for _ in range(5):  # retried only when the file was replaced between our open and our flock
-        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        check_regular(lock, "the run's lock")  # (a link would have a file of someone else's overwritten)
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -127,6 +130,27 @@ def pid_alive(pid: int) -> bool:
     return not (fields and fields[0] == "Z")
 
 
+def clear_stale_lock(run_dir: Path):
+    """Remove a run.lock that no live process holds (what a killed run leaves in its directory); a live one stays."""
+    lock = run_dir / LOCK
+    if not check_regular(lock, "the run's lock"):
+        return
+    fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: a live run (BlockingIOError)
+        try:
+            other = json.loads(os.pread(fd, 1 << 16, 0) or b"null")
+        except ValueError:
+            other = None
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "start": proc_start(os.getpid())}
+        if not (isinstance(other, dict) and lock_is_live(other, me)):
+            lock.unlink(missing_ok=True)
+    except BlockingIOError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def release_locks(ok: bool):
     """At exit: drop this process's locks (unlinked while still held, then closed, so a waiting process never takes
     a lock on a file that is gone), and the directories it created if they are still empty (a run that failed before
@@ -167,6 +191,13 @@ def start_run(cfg) -> Path:
         if src and (Path(src).resolve() == run_dir.resolve() or run_dir.resolve() in Path(src).resolve().parents):
             raise UserError(f"--out {cfg.out} holds the input --{name} {src}: the run would write into (and at its end "
                             f"replace) its own input; pick another --out")
+    for name in ("final", "final.tmp", "final.old"):  # exports are swapped by renames: never through a link
+        if (run_dir / name).is_symlink():
+            raise UserError(f"{run_dir / name} is a symbolic link, where this run's export belongs: a run writes only "
+                            f"what it made; move it away")
+    for name in (LOCK, "train_config.json", "metrics.jsonl", "eval.json", "train_config.json" + NEXT,
+                 "metrics.jsonl" + NEXT):  # the files it writes: regular ones, or none yet (before any work)
+        check_regular(run_dir / name, "a file of this run")
     old = latest_checkpoint(run_dir)
     if cfg.resume:
         if old is None:
@@ -213,7 +244,22 @@ def recover_final(run_dir: Path):
 
 def write_json(path: Path, obj):
     if D.main:
-        path.write_text(json.dumps(obj, indent=2) + "\n")
+        write_file(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_file(path: Path, text: str):
+    """A file of the run directory written whole: a new file beside it (never an existing one, never through a link),
+    renamed over it; whatever is at path must be a regular file (checks.check_regular)."""
+    check_regular(path, "a file of this run")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -239,7 +285,8 @@ class Logger:
     def __init__(self, run_dir: Path, resume_step: int, keys: list[str]):
         self.run_dir, self.keys, self.resume_step = run_dir, keys, resume_step
         self.path = record_path(run_dir, "metrics.jsonl", resume_step > 0)
-        if D.main and resume_step > 0 and self.path.exists():  # rewrite what the killed run logged after its checkpoint
+        if D.main and resume_step > 0 and check_regular(self.path, "the run's metrics"):  # rewrite what the killed
+            # run logged after its checkpoint
             rows = []
             for n, line in enumerate(self.path.read_text().splitlines(), start=1):
                 try:
@@ -251,9 +298,7 @@ class Logger:
                                     f"damaged: move it away to resume without it") from None
                 if row is not None and row["step"] <= resume_step:
                     rows.append(row)
-            tmp = self.path.with_suffix(".jsonl.tmp")  # rewritten beside, then renamed: a crash loses nothing
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            os.replace(tmp, self.path)
+            write_file(self.path, "".join(json.dumps(r) + "\n" for r in rows))  # a crash loses nothing
 
     def log(self, step: int, metrics: dict):
         if not D.main:
@@ -262,10 +307,11 @@ class Logger:
         if pending is not None:  # the run has made a step: now its directory holds a run (see start_run)
             if self.resume_step == 0:
                 self.path.unlink(missing_ok=True)  # an earlier run that failed before its export: start over
-            record_path(self.run_dir, "train_config.json", self.resume_step > 0).write_text(pending)
+            write_file(record_path(self.run_dir, "train_config.json", self.resume_step > 0), pending)
         # valid JSON whatever happens: a non-finite metric (explained variance of a constant) is written as null
         row = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in metrics.items()}
-        with open(self.path, "a") as f:
+        check_regular(self.path, "the run's metrics")  # (a named pipe would hang the run, a link write elsewhere)
+        with os.fdopen(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644), "a") as f:
             f.write(json.dumps({"step": step, **row}, allow_nan=False) + "\n")
         line = f"step {step:5d}" + "".join(f" | {k} {metrics[k]:.4g}" for k in self.keys if k in metrics)
         tqdm.write(line)
@@ -274,7 +320,8 @@ def promote_records(run_dir: Path):
     """After the export has replaced final/: an --overwrite's records take the finished run's place (rank 0)."""
     if D.main:
         for name in ("metrics.jsonl", "train_config.json"):
-            if (run_dir / (name + NEXT)).exists():
+            if check_regular(run_dir / (name + NEXT), "a record of this run"):
+                check_regular(run_dir / name, "a record of this run")
                 os.replace(run_dir / (name + NEXT), run_dir / name)
     barrier()
 
@@ -291,6 +338,7 @@ RESUME_MAY_CHANGE = ("resume", "out", "max_steps", "save_every", "progress", "ov
 def check_resume_config(cfg, ckpt: Path):
     """Refuse --resume when a field that changes the run's meaning differs from the checkpoint's train_config.json."""
     try:
+        check_regular(ckpt / "train_config.json", "the checkpoint's config")
         saved = json.loads((ckpt / "train_config.json").read_text())
         if not isinstance(saved, dict):
             raise ValueError(f"expected a JSON object, got {type(saved).__name__}")
@@ -304,3 +352,57 @@ def check_resume_config(cfg, ckpt: Path):
         raise UserError(f"--resume: {ckpt} was written with other settings ({diff}). These change what the run "
                         f"computes: resume with the checkpoint's values, or start over in another --out. "
                         f"--resume may change only {', '.join(RESUME_MAY_CHANGE)}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What made a final/: its inputs' digests, recorded with it and checked before `all --reuse` keeps it
+
+INPUTS = "inputs.json"  # in every export: sha256 of the data files and the checkpoints the stage started from
+DATA_FIELDS = ("data", "eval_data", "prompts")  # config fields naming data files
+_DIGESTS: dict = {}  # (path, size, mtime_ns) -> sha256, for this process: a file hashed once
+
+
+def file_digest(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        check_regular(path, "an input of this run")
+        _DIGESTS[key] = sha256(path)
+    return _DIGESTS[key]
+
+
+def checkpoint_digest(d: Path) -> str:
+    """A checkpoint's identity: its config.json, tokenizer files and weights. An export of this project lists its
+    weights' digests in hf.CHECKSUMS (verified against the files whenever --reuse keeps it); any other checkpoint's
+    weight files are hashed."""
+    files = sorted(p for p in d.iterdir() if p.name in ("config.json", "tokenizer.json", "tokenizer_config.json",
+                                                         "chat_template.jinja", hf.CHECKSUMS))
+    if not (d / hf.CHECKSUMS).is_file():
+        files += sorted(d.glob("*.safetensors"))
+    return hashlib.sha256("".join(f"{p.name}:{file_digest(p)}\n" for p in files).encode()).hexdigest()
+
+
+def inputs_record(cfg) -> str:
+    """inputs.json of a stage: the digest of every data file and checkpoint its config names."""
+    data = {f: file_digest(Path(getattr(cfg, f))) for f in DATA_FIELDS if getattr(cfg, f, "")}
+    ckpts = {f: checkpoint_digest(Path(getattr(cfg, f))) for f in CHECKPOINT_INPUTS if getattr(cfg, f, "")}
+    return json.dumps({"data": data, "checkpoints": ckpts}, indent=2, sort_keys=True) + "\n"
+
+
+def why_not_kept(final: Path, cfg) -> str | None:
+    """Why a finished final/ is not what this stage would make now (None: it is): its record is missing, its inputs
+    changed since (a data file, the checkpoint it started from), or its weights are not the ones it wrote."""
+    for name in (INPUTS, hf.CHECKSUMS):
+        if not check_regular(final / name, "an export's record"):
+            return f"it has no {name}"
+    if (final / INPUTS).read_text() != inputs_record(cfg):
+        saved, now = json.loads((final / INPUTS).read_text()), json.loads(inputs_record(cfg))
+        changed = [f"--{k} {'file' if kind == 'data' else 'checkpoint'}" for kind in ("data", "checkpoints")
+                   for k in sorted({*saved.get(kind, {}), *now[kind]}) if saved.get(kind, {}).get(k) != now[kind].get(k)]
+        return f"its inputs changed since it was made ({', '.join(changed) or 'its record'})"
+    listed = json.loads((final / hf.CHECKSUMS).read_text())
+    present = sorted(p.name for p in final.glob("*.safetensors"))
+    if present != sorted(listed):
+        return f"its weight files are {present or 'missing'}, it wrote {sorted(listed)}"
+    bad = [name for name in sorted(listed) if sha256(final / name) != listed[name]]
+    return f"its weights were changed since it wrote them ({', '.join(bad)})" if bad else None

@@ -34,12 +34,15 @@ import torch
 
 import explain
 import pipeline
+import rto
 import train
-from data import read_prompts
-from hf import Tokenizer
 from checkpoint import open_model
+from data import read_prompts, seed_for
+from hf import Tokenizer
 from parallel import D, init_dist, print0
-from rundir import release_locks, take_dir
+from ppo import ESTIMATORS
+from rundir import clear_stale_lock, release_locks, take_dir
+from task import TASKS
 
 # two-sided 95% Student-t quantiles for n - 1 degrees of freedom (the interval over n seeds)
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -90,11 +93,41 @@ def variants(cfg: SweepConfig) -> list[dict]:
 
 
 def finished(path: Path, marker: str) -> bool:
-    """A stage is reused only if it completed (its marker exists); a half-finished one is removed and redone."""
+    """A stage is reused only if it completed (its marker exists); a half-finished one is removed and redone. The lock
+    a killed sweep left in a finished stage goes too (rundir.clear_stale_lock)."""
     if (path / marker).exists():
+        clear_stale_lock(path)
         return True
     shutil.rmtree(path, ignore_errors=True)
     return False
+
+
+def check_sweep(cfg: SweepConfig):
+    """Every argument, before any work: one line each for a name that is no algorithm, estimator, offline method or
+    task, a budget outside (0, 1], an ablation that is not BETA1:CLIP pairs, sizes that are not positive."""
+    problems = [f"--algos: unknown {a!r} (choose from {', '.join(rto.ALGOS)})" for a in cfg.algos.split(",")
+                if a not in rto.ALGOS]
+    problems += [f"--estimators: unknown {e!r} (choose from {', '.join(ESTIMATORS)})" for e in cfg.estimators.split(",")
+                 if e not in ESTIMATORS]
+    problems += [f"--offline: unknown {o!r} (choose from {', '.join(pipeline.OFFLINE)})"
+                 for o in filter(None, cfg.offline.split(",")) if o not in pipeline.OFFLINE]
+    problems += [] if cfg.task in TASKS else [f"--task {cfg.task!r}: choose from {', '.join(TASKS)}"]
+    for b in cfg.budgets.split(","):
+        try:
+            ok = 0 < float(b) <= 1
+        except ValueError:
+            ok = False
+        problems += [] if ok else [f"--budgets: {b!r} is not a fraction in (0, 1]"]
+    for pair in filter(None, cfg.ablation.split(",")):
+        try:
+            ok = all(float(x) > 0 for x in pair.split(":")) and len(pair.split(":")) == 2
+        except ValueError:
+            ok = False
+        problems += [] if ok else [f"--ablation: {pair!r} is not BETA1:CLIP (two positive numbers, inf allowed)"]
+    problems += [f"--{f} {getattr(cfg, f)}: must be at least 1" for f in ("seeds", "ppo_steps", "batch_size", "n_sft",
+                 "n_pref", "n_eval", "sft_epochs", "pref_epochs", "samples_per_prompt") if getattr(cfg, f) < 1]
+    if problems:
+        raise SystemExit("sweep.py: " + "; ".join(problems))
 
 
 def run_seed(cfg: SweepConfig, seed: int) -> dict:
@@ -105,7 +138,7 @@ def run_seed(cfg: SweepConfig, seed: int) -> dict:
                               n_prompts=cfg.ppo_steps * cfg.batch_size, n_eval=cfg.n_eval, set=stages,
                               batch_size=cfg.batch_size, progress=False, device=cfg.device, algos="rto")
     if not (d / "tokenizer" / "tokenizer.json").exists():
-        task, data, _ = pipeline.task_data(pc)
+        task, data = pipeline.task_data(pc)
     else:
         task = pipeline.make_task(pc)
         data = {k: d / "data" / f"{k}.jsonl" for k in pipeline.DATA_FILES}
@@ -143,9 +176,10 @@ def run_seed(cfg: SweepConfig, seed: int) -> dict:
             subset = d / "data" / f"prompts_{n}.jsonl"
             subset.write_text("".join(all_prompts[:n]))
             k = cfg.samples_per_prompt if v["estimator"] != "gae" else 1
-            ppo_cfg = dataclasses.replace(template, out=str(run_dir), algo=v["algo"], prompts=str(subset),
-                                          max_steps=n // cfg.batch_size, beta1=v["beta1"], dpo_clip=v["clip"],
-                                          estimator=v["estimator"], samples_per_prompt=k)
+            ppo_cfg = pipeline.only_loaded(dataclasses.replace(
+                template, out=str(run_dir), algo=v["algo"], prompts=str(subset), max_steps=n // cfg.batch_size,
+                beta1=v["beta1"], dpo_clip=v["clip"], estimator=v["estimator"], samples_per_prompt=k,
+                dpo=str(Path(dpo_cfg.out) / "final"), rm=str(Path(rm_cfg.out) / "final")))
             train.run_ppo(ppo_cfg)
             ev = judge(run_dir / "final", v["name"])
             steps = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -180,7 +214,7 @@ def correlation(d: Path, task, tok, sft: Path, dpo: Path, ref, rows, ev) -> floa
         policy = open_model(str(sft), "lm", ev, tok, frozen=True)
         dpo_model = open_model(str(dpo), "lm", ev, tok, frozen=True)
         prompts = [tok.encode_prompt(r.prompt, ev.max_prompt_len) for r in rows]
-        gen = torch.Generator().manual_seed(train.seed_for(ev.seed, 2 * 10**6))
+        gen = torch.Generator().manual_seed(seed_for(ev.seed, 2 * 10**6))
         buf = train.sample_responses(policy, tok, prompts, gen, max_new_tokens=ev.max_new_tokens,
                                      temperature=ev.temperature, top_k=ev.top_k, top_p=ev.top_p,
                                      micro=ev.micro_batch_size)
@@ -320,6 +354,7 @@ def main(argv=None) -> dict:
         else:
             ap.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
     cfg = SweepConfig(**vars(ap.parse_args(argv)))
+    check_sweep(cfg)
     init_dist(cfg.device)
     if D.world > 1:
         raise SystemExit("sweep.py runs its many small runs one process at a time: start it with python, not torchrun")

@@ -35,16 +35,17 @@ import ppo as ppo_math
 import reward as rm_math
 import rto
 from checkpoint import export_hf, latest_checkpoint, load_checkpoint, open_model, open_tokenizer, save_checkpoint
-from checks import UserError, check_batch, check_finite, check_ppo_checkpoints, check_slot, rm_score_stats
+from checks import (UserError, check_batch, check_finite, check_ppo_checkpoints, check_slot, ppo_fields_read,
+                    rm_score_stats, warn_unread)
 from config import (COUNT, NONNEG, POS, UNIT, Bf16Field, DeviceField, RunDirFields, SamplingFields, SeedField,
                     TaskFields, check_range, option)
-from data import (check_context, check_pairs, chunks, collate, encode_rows, pad_left, pair_batch, pair_values,
-                  read_preferences, read_prompts, read_sft)
+from data import (batch_indices, check_context, check_pairs, chunks, collate, encode_examples, global_batch, pad_left,
+                  pair_batch, pair_values, read_preferences, read_prompts, read_sft, response_texts, seed_for)
 from hf import Tokenizer
 from memory import checkpoint_plan, measured_memory, plan_text, reference_cost
 from model import Llama, generate, release_compiled
 from parallel import D, all_max, all_sum, decode_view, print0, progress, reduce_metrics, to_device
-from rundir import Logger, promote_records, start_run, write_json
+from rundir import INPUTS, Logger, inputs_record, promote_records, start_run, write_json
 from task import load_task
 
 
@@ -208,16 +209,6 @@ def set_grad_sync(model, on: bool):
         model.set_requires_gradient_sync(on)
 
 
-def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
-    """This rank's share of global batch `step`: epochs are seeded permutations of the n examples, a global
-    batch is a contiguous slice of one, rank r takes every world-th item of it. Derived from (seed, step) alone,
-    so a resumed run sees exactly the batches the uninterrupted run would have."""
-    per_epoch = n // batch_size
-    epoch, k = divmod(step, per_epoch)
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    return perm[k * batch_size:(k + 1) * batch_size][D.rank::D.world].tolist()
-
-
 def resume(cfg: Config, run_dir, models: dict, optims: dict, scheds: dict) -> int:
     """--resume: restore the latest checkpoint's state in place; returns the step to continue from (0: a fresh run)."""
     if not (cfg.resume and (ckpt := latest_checkpoint(run_dir)) is not None):
@@ -228,8 +219,11 @@ def resume(cfg: Config, run_dir, models: dict, optims: dict, scheds: dict) -> in
 
 
 def export(model, tok: Tokenizer, run_dir, cfg):
-    """The trained model as <out>/final, a complete HF checkpoint; then the run's records are its own."""
-    export_hf(model, tok, run_dir / "final", cfg)
+    """The trained model as <out>/final, a complete HF checkpoint (a DPO-stage one says in its config.json which loss
+    made it, and whether that leaves an implicit reward); then the run's records are its own."""
+    loss = getattr(cfg, "loss_type", None)
+    model.args.loss_type, model.args.implicit_reward = loss, dpo_math.LOSSES[loss].token_reward if loss else None
+    export_hf(model, tok, run_dir / "final", cfg, {INPUTS: inputs_record(cfg)})  # (what --reuse checks)
     promote_records(run_dir)
     return run_dir / "final"
 
@@ -289,8 +283,7 @@ def run_sft(cfg: SFTConfig):
         check_slot(cfg.model, "model", "lm")
     tok = load_tokenizer(cfg)
     rows = read_sft(cfg.data)
-    data = encode_rows(rows, lambda r: (tok.encode_prompt(r.prompt, cfg.max_prompt_len),
-                                        tok.encode_response(r.prompt, r.response, cfg.max_response_len)), tok)
+    data = encode_examples(rows, tok, cfg.max_prompt_len, cfg.max_response_len, lambda r: [r.response])
     model = open_model(cfg.model, "lm", cfg, tok)
     check_context(rows, data, model.args.max_seq_len)
     print0(f"{len(data)} SFT examples, model {model.num_params() / 1e6:.2f}M parameters")
@@ -317,9 +310,7 @@ def load_pairs(cfg: PairsConfig):
     context = hf.read_config(cfg.model).max_seq_len
 
     def encode(rows):
-        return encode_rows(rows, lambda r: (tok.encode_prompt(r.prompt, cfg.max_prompt_len),
-                                            tok.encode_response(r.prompt, r.chosen, cfg.max_response_len),
-                                            tok.encode_response(r.prompt, r.rejected, cfg.max_response_len)), tok)
+        return encode_examples(rows, tok, cfg.max_prompt_len, cfg.max_response_len, lambda r: [r.chosen, r.rejected])
 
     rows = read_preferences(cfg.data)
     pairs = encode(rows)
@@ -331,11 +322,24 @@ def load_pairs(cfg: PairsConfig):
     return tok, pairs, eval_pairs
 
 
+def reference_logps(cfg: DPOConfig, model, pairs, tok: Tokenizer) -> torch.Tensor:
+    """(n, 2) summed log-probs of every pair the run will train on under the starting model, the reference: all of
+    them for a whole epoch, only those of its batches for a --max_steps run (NaN for the others, never read)."""
+    steps = check_batch(cfg, len(pairs), cfg.batch_size, cfg.out)
+    used = sorted({i for s in range(steps) for i in global_batch(s, len(pairs), cfg.batch_size, cfg.seed)})
+    ref = torch.full((len(pairs), 2), float("nan"), dtype=torch.float64, device=D.device)
+    ref[used] = pair_values(dpo_math.summed_logps(model), [pairs[i] for i in used], tok, cfg.micro_batch_size,
+                            f"{cfg.out}: reference log-probs" if cfg.progress else "")
+    return ref
+
+
 def run_dpo(cfg: DPOConfig):
     run_dir = start_run(cfg)
     check_slot(cfg.model, "model", "lm")
     tok, pairs, eval_pairs = load_pairs(cfg)
     needs = dpo_math.LOSSES[cfg.loss_type]
+    warn_unread(cfg, {f: f in needs.reads for loss in dpo_math.LOSSES.values() for f in loss.reads},
+                f"--loss_type {cfg.loss_type}")
     model = open_model(cfg.model, "lm", cfg, tok)
     # The reference is the starting (SFT) model itself: its log-probs are computed once, before the first step, so no
     # frozen copy has to stay in memory (a resumed run's --model is still the SFT checkpoint). TDPO also needs the
@@ -345,7 +349,7 @@ def run_dpo(cfg: DPOConfig):
     if ref_model is not None:
         print0(reference_cost(ref_model.args, cfg))
     model.eval()
-    ref = pair_values(dpo_math.summed_logps(model), pairs, tok, cfg.micro_batch_size) if needs.ref else None
+    ref = reference_logps(cfg, model, pairs, tok) if needs.ref else None
     ref_eval = pair_values(dpo_math.summed_logps(model), eval_pairs, tok, cfg.micro_batch_size) if needs.ref and eval_pairs \
         else None
     hp = dataclasses.asdict(cfg)  # beta, label_smoothing and each loss's own fields, read by name (dpo.LOSSES)
@@ -424,11 +428,19 @@ def ppo_inputs(cfg: PPOConfig) -> list[str]:
     return needs + ["logp_dpo"] if cfg.kl_anchor == "dpo" and "logp_dpo" not in needs else needs
 
 
+def frozen_models(cfg: PPOConfig) -> list[str]:
+    """The frozen models the algorithm's inputs read (SCORERS), by flag."""
+    return sorted({SCORERS[n][0] for n in ppo_inputs(cfg) if n in SCORERS})
+
+
 def ppo_slots(cfg: PPOConfig) -> dict[str, tuple[str, bool, str]]:
     """The checkpoints a PPO run loads, by role -> (path, trained, head). The algorithm's inputs (SCORERS) and the
-    estimator decide which; a missing one is an error that names its flag, and nothing given goes unused."""
-    frozen = sorted({SCORERS[n][0] for n in ppo_inputs(cfg) if n in SCORERS})
+    estimator decide which; a missing one is an error that names its flag, and so is one given that is never loaded."""
+    frozen = frozen_models(cfg)
     uses_critic = ppo_math.ESTIMATORS[cfg.estimator].critic
+    for flag in (f for f in HEADS if getattr(cfg, f) and f not in frozen):
+        raise UserError(f"--{flag} {getattr(cfg, flag)}: --algo {cfg.algo} (--kl_anchor {cfg.kl_anchor}) never loads "
+                        f"it: drop it")
     for flag in ["policy", *([] if cfg.plan else ["prompts"]), *frozen]:
         if not getattr(cfg, flag):
             anchor = " --kl_anchor dpo" if flag == "dpo" and cfg.kl_anchor == "dpo" else ""
@@ -496,11 +508,6 @@ class Critic:
 
     def step(self, step: int, losses: list[float]):
         clip_and_step(self.model, self.opt, self.sched, self.grad_clip, step, {"value_loss": losses})
-
-
-def seed_for(*parts: int) -> int:
-    """A 63-bit seed derived from (seed, step, rank, ...): every random draw in a step is a function of these."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> 1)
 
 
 @torch.no_grad()
@@ -659,6 +666,7 @@ def open_ppo_models(cfg: PPOConfig, slots: dict, tok: Tokenizer, updates: int):
 
 def run_ppo(cfg: PPOConfig):
     check_range(cfg)
+    warn_unread(cfg, ppo_fields_read(cfg), f"--algo {cfg.algo} --estimator {cfg.estimator}")
     slots = ppo_slots(cfg)
     plan = checkpoint_plan(slots, cfg, cfg.plan_world or D.world)
     print0(plan_text(plan))
@@ -668,7 +676,7 @@ def run_ppo(cfg: PPOConfig):
     check_ppo_checkpoints(cfg, slots)
     tok = open_tokenizer(cfg.policy)
     prompt_rows = read_prompts(cfg.prompts)
-    prompts = encode_rows(prompt_rows, lambda r: tok.encode_prompt(r.prompt, cfg.max_prompt_len), tok)
+    prompts = [p for p, in encode_examples(prompt_rows, tok, cfg.max_prompt_len, cfg.max_response_len)]
     gold = load_task(cfg.task, cfg.task_seed).gold_reward if cfg.task else None
     total = ppo_steps(cfg, len(prompts))
     updates = total * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.batch_size)
@@ -716,12 +724,6 @@ def run_ppo(cfg: PPOConfig):
     release_compiled()  # the compiled decode steps (and their CUDA graphs) end with the stage
     print0(f"{measured_memory()}; planned {plan['total'] / 2**30:.2f} GiB per GPU")
     return export(actor, tok, run_dir, cfg)
-
-
-def response_texts(buf: dict, tok: Tokenizer) -> list[str]:
-    """The decoded text of every sampled response (its real tokens, the stop id dropped by decode)."""
-    P, mask = buf["prompt_len"], buf["response_mask"]
-    return [tok.decode(buf["input_ids"][r, P:][mask[r]].tolist()) for r in range(mask.shape[0])]
 
 
 # ==========================================================================================================

@@ -73,3 +73,16 @@ def test_gpu_bench_checks_its_arguments_first(tmp_path):
                            capture_output=True, text=True, timeout=120)
         assert p.returncode != 0 and msg in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert not (tmp_path / "r").exists() and not (tmp_path / "w").exists()
+
+
+def test_data_bench_reads_encodes_and_reaches_a_dpo_step(tmp_path):
+    """`bench.py data`, small: UltraFeedback-shaped rows through reading, encoding and `train.py dpo --max_steps 1`,
+    with its rates printed (at 60k pairs its numbers are in docs/results.md)."""
+    p = subprocess.run([sys.executable, "bench.py", "data", "--pairs", "300", "--work", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    for what in ("read", "encode"):
+        rate = float(next(line for line in p.stdout.splitlines() if line.startswith(what)).split()[3])
+        assert rate > 0
+    assert "train.py dpo --max_steps 1, from its start to its end:" in p.stdout
+    assert (tmp_path / "dpo" / "final" / "model.safetensors").is_file()

@@ -212,15 +212,32 @@ def test_response_end_of_turn_tokens():
     assert names["mistral"] == "</s>" and names["smollm2"] == "<|im_end|>"
 
 
-def test_chat_truncation_keeps_bos_and_cue():
-    tok = Tokenizer.from_dir(FIXTURES / "llama3.1")
-    msgs = [{"role": "user", "content": "Tell me a joke."}]
+def middle_cut_of(content: str, kept: str) -> bool:
+    """kept is content with characters removed from its middle only: its start and its end, nothing else."""
+    head = (len(kept) + 1) // 2
+    return len(kept) < len(content) and kept[:head] == content[:head] and content.endswith(kept[head:])
+
+
+@pytest.mark.parametrize("layout", ["llama3.1", "qwen2.5"])
+def test_chat_truncation_cuts_inside_the_message(layout):
+    """A prompt longer than max_len loses the middle of its message's content and is rendered again: the template's
+    header (Llama-3.1's system block, its date), the system turn and the generation cue survive whole, the content
+    keeps its start and its end; with no room even for an empty message it is an error that says so."""
+    tok = Tokenizer.from_dir(FIXTURES / layout)
+    content = "Tell me a joke about " + " ".join(f"w{i}" for i in range(60)) + " and end with a pun."
+    msgs = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": content}]
     full = tok.encode_prompt(msgs, 10_000)
-    cut = tok.encode_prompt(msgs, 8)
-    assert len(cut) == 8 and cut[0] == tok.bos_id and cut[1:] == full[-7:]
-    no_bos = Tokenizer.from_dir(FIXTURES / "qwen2.5")  # ChatML: no BOS, keep the last ids only
-    full = no_bos.encode_prompt(msgs, 10_000)
-    assert no_bos.bos_id is None and no_bos.encode_prompt(msgs, 5) == full[-5:]
+    cut = tok.encode_prompt(msgs, len(full) - 25)
+    assert len(full) - 25 - 8 <= len(cut) <= len(full) - 25  # within a few tokens of the limit, never above
+    rendered = tok.render(msgs, add_generation_prompt=True)
+    before, after = rendered.split(content)
+    text = tok.decode(cut, skip_special=False)
+    assert text.startswith(before) and text.endswith(after) and "Answer briefly." in before
+    assert middle_cut_of(content, text[len(before):len(text) - len(after)])
+    header = len(tok.encode(before))
+    assert cut[:header] == full[:header]  # the ids of everything before the message, unchanged
+    with pytest.raises(DataError, match=r"with its longest message emptied it is still \d+, more than max_prompt_len"):
+        tok.encode_prompt(msgs, header - 1)
     r = tok.encode_response(msgs, "Why did the cat sit on the computer?", 10_000)
     assert tok.encode_response(msgs, "Why did the cat sit on the computer?", len(r) - 1) == r[:-1]  # cut: no EOS
 
@@ -348,7 +365,11 @@ def test_plain_template_exact_ids():
     assert tok.added_tokens == ["<|pad|>"]
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     assert tok.encode_prompt(msgs, max_len=100) == [bos, 2, 4, 5, 1, 6, 3]
-    assert tok.encode_prompt(msgs, max_len=3) == [bos, 6, 3]
+    with pytest.raises(DataError, match="emptied"):  # the system turn is never cut, "hi" alone is not enough
+        tok.encode_prompt(msgs, max_len=3)
+    # "hi hi hi hi" (11 characters, 4 tokens) over by 2: 6 characters cut from its middle leave "hi " + "hi"
+    long = [msgs[0], {"role": "user", "content": "hi hi hi hi"}]
+    assert tok.encode_prompt(long, max_len=8) == [bos, 2, 4, 5, 1, 6, 6, 3]
     assert tok.encode_response(msgs, "hi", max_len=5) == [6, eos]
 
 
@@ -428,9 +449,11 @@ def test_plain_truncation_rules(task_tok):
     msgs = [{"role": "user", "content": "topic cats red blue green"}]
     full = [tok.bos_id] + tok.encode("user: topic cats red blue green\nassistant:")
     assert tok.encode_prompt(msgs, max_len=len(full)) == full
-    cut = tok.encode_prompt(msgs, max_len=5)
-    assert len(cut) == 5 and cut[0] == tok.bos_id and cut[1:] == full[-4:]
-    assert tok.decode(cut[1:]).endswith("assistant:")
+    cut = tok.encode_prompt(msgs, max_len=len(full) - 2)
+    assert len(cut) <= len(full) - 2 and cut[0] == tok.bos_id
+    text = tok.decode(cut[1:])
+    assert text.startswith("user: ") and text.endswith("\nassistant:")
+    assert middle_cut_of("topic cats red blue green", text[len("user: "):-len("\nassistant:")])
     body = tok.encode(" red blue green")
     assert len(body) == 3
     assert tok.encode_response(msgs, "red blue green", max_len=4) == body + [tok.eos_id]  # exact fit keeps EOS

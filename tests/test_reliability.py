@@ -208,7 +208,8 @@ CASES = [
     ("sample-on-rm", lambda ws: ["sample", "--model", str(ws / "rm" / "final"), "--prompt", "hi"],
      r"--model .* is a LlamaForSequenceClassification, a reward model"),
     ("dpo-other-tokenizer", lambda ws: ppo_args(ws, ws / "cases" / "o_tok", dpo=other_tokenizer_dpo(ws)),
-     r"--dpo .* has another tokenizer than --policy"),
+     r"dpo_other_tok/tokenizer.json maps text to ids differently from .*sft/final/tokenizer.json \(--dpo against "
+     r"--policy"),
     # Weak: say what and where
     ("config-not-json", lambda ws: sft_args(ws, ws / "cases" / "o_cfg", model=with_file(
         ws, ws / "base", "badcfg", "config.json", b'{"hidden_size": 32,')), r"config.json: not valid JSON"),
@@ -357,6 +358,136 @@ CASES += [
      r"metrics.jsonl:2: not a metrics row"),
     ("resume-meta-string-step", lambda ws: resume_args(ws, "--out", str(with_meta(ws, "str_step", step="2"))),
      r"meta.json: expected \{'step': an int >= 1"),
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The third fault trial: mixed tokenizers, links and pipes in run directories, prompts that cannot fit, hostile
+# tokenizer files, commands that read less than they are given. Each: one line, nothing on disk changed.
+
+
+def reordered_merges_dpo(ws):
+    """The DPO model's tokenizer with the same vocabulary (the same size, the same tokens and ids) but its BPE merges
+    in another order: the same text gets other ids."""
+    d = copy_ckpt(ws, ws / "dpo" / "final", "dpo_merges")
+    tk = json.loads((d / "tokenizer.json").read_text())
+    tk["model"]["merges"] = tk["model"]["merges"][::-1]
+    (d / "tokenizer.json").write_text(json.dumps(tk))
+    return d
+
+
+def cut_vocabulary(ws):
+    """The base model with its embedding cut to fewer rows than its tokenizer's ids."""
+    d = copy_ckpt(ws, ws / "base", "cut_vocab")
+    sd = load_file(d / "model.safetensors")
+    rows = sd["model.embed_tokens.weight"].shape[0] - 40
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        if k in sd:
+            sd[k] = sd[k][:rows].contiguous()
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "vocab_size": rows, "bos_token_id": None, "eos_token_id": None,
+                                               "pad_token_id": None}))
+    return d
+
+
+def out_with(ws, name, entry, make):
+    """A run directory holding `entry` made by make(path)."""
+    out = ws / "cases" / name
+    out.mkdir(parents=True)
+    make(out / entry)
+    return out
+
+
+def user_file(ws) -> Path:
+    p = ws / "cases" / "users_notes.txt"
+    if not p.exists():
+        p.write_text("a file of the user's, not the run's")
+    return p
+
+
+def resumable_with_fifo(ws, name, file, in_checkpoint: bool):
+    d = ws / "cases" / name
+    shutil.copytree(ws / "resumable", d)
+    where = train.latest_checkpoint(d) if in_checkpoint else d
+    (where / file).unlink(missing_ok=True)
+    os.mkfifo(where / file)
+    return d
+
+
+def simpo_export_without_its_run(ws):
+    """A DPO-stage export made with SimPO (its config.json says so), without the train_config.json beside it."""
+    d = copy_ckpt(ws, ws / "dpo" / "final", "simpo_bare")
+    (d / "train_config.json").unlink()
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "rto_loss_type": "simpo", "rto_implicit_reward": False}))
+    return d
+
+
+def panicking_tokenizer(ws):
+    """The base model with a pre-tokenizer whose regex backtracks past the regex engine's limit on some text."""
+    d = copy_ckpt(ws, ws / "base", "panic_tok")
+    tk = json.loads((d / "tokenizer.json").read_text())
+    tk["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated", "invert": False},
+        tk["pre_tokenizer"]]}
+    (d / "tokenizer.json").write_text(json.dumps(tk))
+    return d
+
+
+def deeply_nested_template(ws):
+    d = copy_ckpt(ws, ws / "base", "nested_tpl")
+    (d / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    template = "{% if true %}" * 5000 + "{{ messages }}" + "{% endif %}" * 5000
+    (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": template}))
+    return d
+
+
+CASES += [
+    ("tokenizer-same-vocabulary-other-merges", lambda ws: ppo_args(ws, ws / "cases" / "o_merges",
+                                                                   dpo=reordered_merges_dpo(ws)),
+     r"dpo_merges/tokenizer.json maps text to ids differently from .*sft/final/tokenizer.json \(--dpo against "
+     r"--policy: their model differ"),
+    ("tokenizer-larger-than-the-model", lambda ws: sft_args(ws, ws / "cases" / "o_cut", model=cut_vocabulary(ws)),
+     r"cut_vocab/tokenizer.json makes ids up to \d+, but .*cut_vocab/config.json has vocab_size \d+"),
+    ("run-lock-a-link", lambda ws: sft_args(ws, out_with(ws, "lock_link", "run.lock",
+                                                         lambda p: p.symlink_to(user_file(ws)))),
+     r"lock_link/run.lock is a symbolic link, where a file of this run belongs"),
+    ("train-config-a-pipe", lambda ws: sft_args(ws, out_with(ws, "tc_fifo", "train_config.json", os.mkfifo)),
+     r"tc_fifo/train_config.json is a named pipe \(FIFO\), where a file of this run belongs"),
+    ("metrics-a-pipe", lambda ws: sft_args(ws, out_with(ws, "m_fifo", "metrics.jsonl", os.mkfifo)),
+     r"m_fifo/metrics.jsonl is a named pipe"),
+    ("resume-metrics-a-pipe", lambda ws: resume_args(ws, "--out", str(resumable_with_fifo(ws, "rm_fifo",
+                                                                                          "metrics.jsonl", False))),
+     r"rm_fifo/metrics.jsonl is a named pipe"),
+    ("resume-checkpoint-config-a-pipe", lambda ws: resume_args(ws, "--out", str(resumable_with_fifo(
+        ws, "ck_fifo", "train_config.json", True))), r"step_000002/train_config.json is a named pipe"),
+    ("final-tmp-a-link", lambda ws: sft_args(ws, out_with(ws, "tmp_link", "final.tmp",
+                                                          lambda p: p.symlink_to(ws / "base"))),
+     r"tmp_link/final.tmp is a symbolic link, where this run's export belongs"),
+    ("final-a-link-overwritten", lambda ws: sft_args(ws, out_with(ws, "final_link", "final",
+                                                                  lambda p: p.symlink_to(ws / "sft" / "final")),
+                                                     "--overwrite"),
+     r"final_link/final is a symbolic link"),
+    ("prompt-that-cannot-fit", lambda ws: sft_args(ws, ws / "cases" / "o_fit", "--max_prompt_len", "40") + [
+        "--data", str(data_file(ws, "long_system.jsonl", [{"messages": [
+            {"role": "system", "content": " ".join(["rule"] * 60)}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"}]}]))],
+     r"long_system.jsonl:1: the prompt is \d+ tokens: with its longest message emptied it is still \d+, more than "
+     r"max_prompt_len 40"),
+    ("simpo-export-as-dpo-without-its-run", lambda ws: ppo_args(ws, ws / "cases" / "o_simpo",
+                                                                dpo=simpo_export_without_its_run(ws)),
+     r"simpo_bare was trained with loss_type 'simpo', which has no reference model"),
+    ("explain-set-a-dpo-field", lambda ws: ["explain", "--dpo", str(ws / "dpo" / "final"), "--ref",
+                                            str(ws / "sft" / "final"), "--prompt", "hi", "--set", "dpo.beta=0.2",
+                                            "--html", ""],
+     r"--set 'dpo.beta=0.2': expected STAGE.FIELD=VALUE with STAGE one of ppo"),
+    ("tokenizer-regex-panics", lambda ws: sft_args(ws, ws / "cases" / "o_panic", model=panicking_tokenizer(ws)) + [
+        "--data", str(data_file(ws, "aaa.jsonl", [{"prompt": "a" * 40 + "b", "response": "ok"}]))],
+     r"panic_tok/tokenizer.json: the tokenizer failed on this text \(.*retry-limit"),
+    ("template-nested-too-deeply", lambda ws: sft_args(ws, ws / "cases" / "o_nest_tpl", model=deeply_nested_template(ws)),
+     r"nested_tpl: chat_template cannot be compiled \(RecursionError"),
 ]
 
 
@@ -730,3 +861,124 @@ def test_temperature_near_zero_samples_the_argmax(ws, capsys):
     greedy = capsys.readouterr().out
     train.main(base + ["--temperature", "1e-30"])
     assert capsys.readouterr().out == greedy
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The third fault trial, continued: what needs a run of its own
+
+TINY_ALL = ["--n_sft", "128", "--n_pref", "128", "--n_prompts", "64", "--n_eval", "16", "--set", "sft.epochs=1",
+            "--set", "dpo.epochs=1", "--set", "rm.epochs=1", "--set", "ppo.max_steps=1", "--algos", "ppo",
+            "--no-progress", "--reuse"]
+
+
+def test_reuse_decides_on_content(tmp_path, capsys):
+    """--reuse keeps a stage only when its config, its inputs by content and its own weights are what it recorded:
+    weights replaced by another model's, data rewritten under the same name (an `all` killed while writing them) and
+    a final/ missing its weights are all run again, each saying why; an untouched stage is kept."""
+    out = tmp_path / "p"
+    train.main(["all", "--out", str(out), *TINY_ALL])
+
+    def mtimes():
+        return {s: (out / s / "final" / "model.safetensors").stat().st_mtime_ns for s in ("sft", "dpo", "rm")}
+    first = mtimes()
+    shutil.copy(out / "sft" / "final" / "model.safetensors", out / "dpo" / "final" / "model.safetensors")
+    (out / "rm" / "final" / "model.safetensors").unlink()
+    capsys.readouterr()
+    train.main(["all", "--out", str(out), *TINY_ALL])
+    said = capsys.readouterr().out
+    assert re.search(r"dpo/final is run again: its weights were changed since it wrote them \(model.safetensors\)", said)
+    assert re.search(r"rm/final is run again: its weight files are missing", said)
+    assert re.search(r"sft/final is what this stage would make .*: kept", said)
+    second = mtimes()
+    assert second["sft"] == first["sft"] and second["dpo"] != first["dpo"] and second["rm"] != first["rm"]
+    # the preference file rewritten with other rows (an interrupted run, a hand edit): DPO and the RM train again
+    prefs = out / "data" / "prefs.jsonl"
+    real = prefs.read_bytes()
+    lines = real.splitlines(keepends=True)
+    import pipeline
+    real_task_data = pipeline.task_data
+
+    def task_data_then_edit(pc):  # the pipeline writes its data, then something changes the file before DPO reads it
+        result = real_task_data(pc)
+        prefs.write_bytes(b"".join(lines[1:] + lines[:1]))
+        return result
+    pipeline.task_data = task_data_then_edit
+    try:
+        train.main(["all", "--out", str(out), *TINY_ALL])
+    finally:
+        pipeline.task_data = real_task_data
+    said = capsys.readouterr().out
+    assert re.search(r"dpo/final is run again: its inputs changed since it was made \(--data file\)", said), said
+    assert re.search(r"rm/final is run again: its inputs changed since it was made \(--data file\)", said)
+    assert mtimes()["sft"] == first["sft"]
+
+
+FORKED_RANK = '''
+import sys
+sys.path.insert(0, {root!r})
+import os
+if os.environ.get("RANK") == "1":
+    sys.argv += ["--lr", "0.001"]  # what a per-rank launcher script or environment can do
+import train
+train.main(sys.argv[1:])
+'''
+
+
+def test_ranks_with_different_configs_stop_before_any_work(ws, tmp_path):
+    """A torchrun job whose rank 1 was given another --lr: every rank stops at start with one error naming the field
+    and the rank, and the run directory is never created."""
+    from test_dist import free_port
+
+    script = tmp_path / "forked.py"
+    script.write_text(FORKED_RANK.format(root=str(ROOT)))
+    out = tmp_path / "o"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={free_port()}", str(script), *sft_args(ws, out)],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode != 0
+    assert "the ranks of this job disagree: --lr is 1e-05 on rank 0 but 0.001 on rank 1" in p.stdout + p.stderr
+    assert not out.exists()
+
+
+def test_fp16_export_beyond_its_range_is_refused(ws):
+    """Weights beyond fp16's largest value (65504) would be exported as inf: the export is refused, naming the tensor
+    and its magnitude, and no final/ is written."""
+    big = with_tensor(ws, "huge", lambda t: t * 0 + 1e6)
+    out = ws / "cases" / "o_fp16"
+    with pytest.raises(ValueError, match=r"--export_dtype float16: model.layers.0.mlp.up_proj.weight holds values up "
+                                         r"to 1e\+06, beyond that dtype's largest \(65504\)"):
+        train.main(sft_args(ws, out, "--export_dtype", "fp16", "--lr", "1e-9", model=big))
+    assert not (out / "final").exists() and not (out / "final.tmp").exists()
+
+
+def test_long_prompts_are_counted_and_cut_inside_the_message(ws, capsys):
+    """A prompt longer than max_prompt_len: the run says how many were cut and by how much, and the cut is inside the
+    user's message (the template's header and the system turn kept)."""
+    rows = [{"messages": [{"role": "system", "content": "Answer briefly."},
+                          {"role": "user", "content": " ".join(f"w{i}" for i in range(80))},
+                          {"role": "assistant", "content": "ok"}]}] + [{"prompt": "hi", "response": "hello"}] * 3
+    data = data_file(ws, "long_user.jsonl", rows)
+    train.main(sft_args(ws, ws / "cases" / "o_long", "--max_prompt_len", "120") + ["--data", str(data)])
+    said = capsys.readouterr().out
+    assert re.search(r"long_user.jsonl: 1 of 4 prompts were longer than max_prompt_len 120: the middle of their "
+                     r"longest message was cut \(\d+ to \d+ tokens", said)
+
+
+def test_sweep_checks_its_arguments_first_and_clears_stale_locks(tmp_path):
+    """sweep.py refuses bad arguments in one line before anything is created; a finished stage that a killed sweep
+    left with its run.lock is kept, and the stale lock removed (a live one stays)."""
+    p = subprocess.run([sys.executable, "sweep.py", "--algos", "ppo,nope", "--budgets", "2", "--out",
+                        str(tmp_path / "s")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "--algos: unknown 'nope'" in p.stderr and "--budgets: '2' is not a fraction in (0, 1]" in p.stderr
+    assert not (tmp_path / "s").exists()
+    import sweep
+
+    stage = tmp_path / "stage"
+    (stage / "final").mkdir(parents=True)
+    (stage / "final" / "config.json").write_text("{}")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (stage / "run.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "start": "0"}))
+    assert sweep.finished(stage, "final/config.json") and not (stage / "run.lock").exists()

@@ -30,6 +30,12 @@ def pipeline(tmp_path_factory):
     return out, summary
 
 
+def without(args: list, flag: str) -> list:
+    """args without --flag and its value."""
+    i = args.index(flag)
+    return args[:i] + args[i + 2:]
+
+
 def ppo_args(out, run, *extra):
     return ["ppo", "--out", str(run), "--prompts", str(out / "data" / "prompts.jsonl"),
             "--policy", str(out / "sft" / "final"), "--dpo", str(out / "dpo" / "final"), "--rm", str(out / "rm" / "final"),
@@ -195,6 +201,22 @@ def test_group_estimator_errors(pipeline, tmp_path):
                             str(out / "rm" / "final")))
 
 
+def test_inputs_and_fields_a_run_never_reads(pipeline, tmp_path, capsys):
+    """A --dpo that --algo ppo never loads is refused by name (nothing is written); a field only other algorithms or
+    losses read (--beta1 under ppo, --rdpo_alpha under the sigmoid loss) is named in a warning."""
+    out, _ = pipeline
+    with pytest.raises(ValueError, match=r"--dpo .*dpo/final: --algo ppo \(--kl_anchor sft\) never loads it: drop it"):
+        train.main(ppo_args(out, tmp_path / "a", "--algo", "ppo"))
+    assert not (tmp_path / "a").exists()
+    train.main(without(ppo_args(out, tmp_path / "b", "--algo", "ppo", "--beta1", "0.2", "--max_steps", "1",
+                                "--rollout_batch_size", "32", "--batch_size", "32", "--micro_batch_size", "16"), "--dpo"))
+    assert "warning: --beta1 0.2: --algo ppo --estimator gae never reads it" in capsys.readouterr().out
+    train.main(["dpo", "--data", str(out / "data" / "prefs.jsonl"), "--model", str(out / "sft" / "final"),
+                "--out", str(tmp_path / "d"), "--rdpo_alpha", "0.3", "--max_steps", "1", "--batch_size", "16",
+                "--micro_batch_size", "16", "--max_prompt_len", "16", "--max_response_len", "16", "--no-progress"])
+    assert "warning: --rdpo_alpha 0.3: --loss_type sigmoid never reads it" in capsys.readouterr().out
+
+
 def test_kl_anchor_dpo_needs_the_dpo_model(pipeline, tmp_path):
     """--algo ppo --kl_anchor dpo: the DPO model is loaded for the KL term alone; without --dpo it is an error."""
     out, _ = pipeline
@@ -305,8 +327,8 @@ def test_entropy_bonus_trains_the_entropy(pipeline, tmp_path):
     out, _ = pipeline
     common = ("--max_steps", "4", "--rollout_batch_size", "32", "--batch_size", "16", "--micro_batch_size", "8",
               "--algo", "ppo")
-    train.main(ppo_args(out, tmp_path / "none", *common))
-    train.main(ppo_args(out, tmp_path / "bonus", *common, "--entropy_coef", "5"))
+    train.main(without(ppo_args(out, tmp_path / "none", *common), "--dpo"))
+    train.main(without(ppo_args(out, tmp_path / "bonus", *common, "--entropy_coef", "5"), "--dpo"))
     none, bonus = metrics(tmp_path / "none"), metrics(tmp_path / "bonus")
     assert none[0]["kl"] == bonus[0]["kl"] == 0.0 and none[0]["score"] == bonus[0]["score"]
     assert bonus[-1]["entropy"] > none[-1]["entropy"] + 0.01, (bonus[-1]["entropy"], none[-1]["entropy"])
@@ -336,7 +358,7 @@ def test_ppo_from_the_dpo_model(pipeline, tmp_path):
     bad[bad.index("--policy") + 1] = str(out / "dpo" / "final")
     with pytest.raises(ValueError, match=r"--policy .* is a DPO model.*--init .*dpo/final.*--allow_ref_mismatch"):
         train.main(bad)
-    ppo_bad = [a if a != "rto" else "ppo" for a in bad] + ["--algo", "ppo"]  # no DPO term: still pi_ref = pi_dpo
+    ppo_bad = without(bad, "--dpo") + ["--algo", "ppo"]  # no DPO term: still pi_ref = pi_dpo
     with pytest.raises(ValueError, match=r"is a DPO model \(its train_config.json\): pi_ref, the model the KL term keeps "
                                          r"pi near, would be the DPO model"):
         train.main(ppo_bad)
