@@ -115,17 +115,19 @@ def check_slot(path: str, flag: str, want: str | None, policy: str | None = None
 
 def tokenizer_identity(d: str) -> dict[str, str]:
     """What maps text to ids, as sha256 digests by part: tokenizer.json's normalizer, pre-tokenizer, model (vocabulary
-    and merges) and added tokens, and which tokens the checkpoint calls bos/eos/pad/unk (tokenizer_config.json)."""
+    and merges) and added tokens, as the tokenizers library serialises them (so an older file's "a b" merges equal a
+    newer file's ["a", "b"]), and which tokens the checkpoint calls bos/eos/unk (tokenizer_config.json)."""
     import hashlib
+
+    import tokenizers
 
     from hf import NEW_PAD, SPECIAL_KEYS, read_json_file
 
     path = Path(d) / "tokenizer.json"
-    check_regular(path, "a tokenizer")
+    check_input_file(path, "a tokenizer")
     try:
-        tk = json.loads(path.read_text(encoding="utf-8"))
-        tk = tk if isinstance(tk, dict) else {}
-    except (OSError, ValueError, RecursionError) as e:
+        tk = json.loads(tokenizers.Tokenizer.from_file(str(path)).to_str())
+    except Exception as e:
         raise UserError(f"{path}: cannot be read ({e.__class__.__name__}: {str(e)[:100]})") from None
     config = read_json_file(Path(d) / "tokenizer_config.json") or {}
     # the pad only fills (and a pad token this project added, hf.NEW_PAD, is no text anyone writes): not compared
@@ -181,7 +183,7 @@ def check_reference(policy: str, dpo_dir: str | None, allow_mismatch: bool):
     started = (saved_config(dpo_dir) or {}).get("model")
     if Path(dpo_dir).resolve() == Path(policy).resolve():
         why = "--policy is the DPO model itself, so log(pi_dpo / pi_ref) is 0 on every token"
-    elif started is not None and Path(started).resolve() != Path(policy).resolve():
+    elif started is not None and not same_start(dpo_dir, started, policy):
         why = (f"{dpo_dir} was trained from {started}, but --policy (pi_ref) is {policy}, so log(pi_dpo / pi_ref) is "
                f"not DPO's implicit reward")
     else:
@@ -189,6 +191,17 @@ def check_reference(policy: str, dpo_dir: str | None, allow_mismatch: bool):
     fix = (f"keep --policy {started} (pi_ref) and start the actor elsewhere with --init" if started else
            "give --policy the model the DPO run started from, and the actor's start with --init")
     raise UserError(f"--dpo: {why}. To start PPO from another model, {fix}; to insist, pass --allow_ref_mismatch")
+
+
+def same_start(dpo_dir: str, started: str, policy: str) -> bool:
+    """The DPO run in dpo_dir started from the checkpoint at policy: by content where the run recorded it (its export's
+    inputs.json: a moved or copied SFT model is still the same one), else by path."""
+    recorded = Path(dpo_dir) / "inputs.json"
+    if check_regular(recorded, "an export's record"):
+        digest = json.loads(recorded.read_text()).get("checkpoints", {}).get("model")
+        if digest is not None:
+            return digest == checkpoint_digest(Path(policy))
+    return Path(started).resolve() == Path(policy).resolve()
 
 
 def check_ppo_checkpoints(cfg, slots: dict):
@@ -221,6 +234,57 @@ def rm_score_stats(cfg, rm_model) -> tuple[float, float]:
 
 # ----------------------------------------------------------------------------------------------------------
 # Files: a run reads and writes only regular files, never through a link
+
+
+def check_input_file(path: Path, what: str) -> bool:
+    """An input the run only reads (a data file, a file of a checkpoint it starts from) may be a link (a Hugging Face
+    cache snapshot is all links), but what it leads to must be a regular file (True) or nothing (False): a named pipe
+    would hang the run, a directory is a mistake."""
+    import stat
+
+    try:
+        mode = Path(path).stat().st_mode
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(mode):
+        kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else "no file"
+        raise UserError(f"{path} is {kind}, where {what} belongs")
+    return True
+
+
+_DIGESTS: dict = {}  # (path, size, mtime_ns) -> sha256, for this process: a file hashed once
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of an input file (read through links)."""
+    import hashlib
+
+    check_input_file(path, "an input of this run")
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def checkpoint_digest(d: Path) -> str:
+    """A checkpoint's identity: its config.json, tokenizer files and weights. An export of this project lists its
+    weights' digests in hf.CHECKSUMS (verified against the files whenever --reuse keeps it); any other checkpoint's
+    weight files are hashed."""
+    import hashlib
+
+    from hf import CHECKSUMS
+
+    d = Path(d)
+    files = sorted(p for p in d.iterdir() if p.name in ("config.json", "tokenizer.json", "tokenizer_config.json",
+                                                         "chat_template.jinja", CHECKSUMS))
+    if not (d / CHECKSUMS).is_file():
+        files += sorted(d.glob("*.safetensors"))
+    return hashlib.sha256("".join(f"{p.name}:{file_digest(p)}\n" for p in files).encode()).hexdigest()
 
 
 def check_regular(path: Path, what: str) -> bool:
@@ -323,3 +387,14 @@ def ppo_fields_read(cfg) -> dict[str, bool]:
     return {"beta1": dpo_term, "dpo_clip": dpo_term, "delimiters": "delimiter_mask" in algo, "beta3": rm,
             "reward_clip": rm, "normalize_reward": rm, "lam": est.critic, "value_clip": est.critic,
             "critic_lr": est.critic, "grpo_eps": cfg.estimator == "grpo", "task_seed": bool(cfg.task)}
+
+
+def check_loss_fields(cfg):
+    """DPO's fields against its --loss_type: label smoothing is the sigmoid loss's alone (refused for another, which
+    would refuse it only at its first step), and a field only another loss reads (dpo.Loss.reads) is warned about."""
+    if cfg.label_smoothing and cfg.loss_type != "sigmoid":
+        raise UserError(f"--label_smoothing {cfg.label_smoothing}: conservative DPO is the sigmoid loss's; --loss_type "
+                        f"{cfg.loss_type} takes none")
+    reads = dpo_math.LOSSES[cfg.loss_type].reads
+    warn_unread(cfg, {f: f in reads for loss in dpo_math.LOSSES.values() for f in loss.reads},
+                f"--loss_type {cfg.loss_type}")

@@ -11,7 +11,8 @@ import sys
 import torch
 
 from checks import UserError, check_ranks_agree
-from model import choose_attention
+from config import is_bool
+from model import choose_attention, release_compiled
 from parallel import D, close_dist, init_dist, print0
 from rundir import release_locks
 
@@ -23,7 +24,7 @@ def add_fields(p: argparse.ArgumentParser, cls):
     for f in dataclasses.fields(cls):
         f_help = f.metadata.get("help", "").replace("%", "%%")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if f.type in ("bool", bool, "bool | None"):
+        if is_bool(f):
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default, help=f_help)
         elif f.type in ("list", list):
             p.add_argument(f"--{f.name}", action="append", default=None, help=f_help)
@@ -63,11 +64,22 @@ def parse_sets(items: list[str], classes: dict, fixed: tuple = ()) -> dict[str, 
                             f"(see `train.py {stage} --help`)")
         kind = fields[name].type
         try:
-            out[stage][name] = (value.lower() in ("1", "true", "yes") if kind in ("bool", bool) else
-                                TYPES.get(kind, str)(value))
+            out[stage][name] = parse_bool(value, kind) if is_bool(fields[name]) else TYPES.get(kind, str)(value)
         except ValueError:
             raise UserError(f"--set {item!r}: {value!r} is not a valid {kind}") from None
     return out
+
+
+def parse_bool(value: str, kind) -> bool | None:
+    """true/false (1/0, yes/no); none for a "bool | None" field; anything else is a ValueError."""
+    v = value.strip().lower()
+    if v in ("1", "true", "yes"):
+        return True
+    if v in ("0", "false", "no"):
+        return False
+    if v in ("none", "null", "default") and kind == "bool | None":
+        return None
+    raise ValueError(value)
 
 
 def main(commands: dict, argv: list[str], description: str, default: str = "all"):
@@ -79,7 +91,7 @@ def main(commands: dict, argv: list[str], description: str, default: str = "all"
     try:
         check_ranks_agree(cfg)  # under torchrun: every rank runs rank 0's config, or none starts
         if D.device.type == "cuda":  # once per process: how masked grouped-query attention runs here (model.py)
-            print0(choose_attention(D.device))
+            print0(choose_attention(D.device, torch.bfloat16 if getattr(cfg, "bf16", False) else torch.float32))
         torch.manual_seed(getattr(cfg, "seed", 0))
         result = fn(cfg)
         ok = True
@@ -89,6 +101,7 @@ def main(commands: dict, argv: list[str], description: str, default: str = "all"
             print(f"[rank {D.rank}] failed:", file=sys.stderr, flush=True)
         raise
     finally:
+        release_compiled()  # (a stage that failed has not released its compiled decode steps)
         release_locks(ok)
         close_dist(ok)
 

@@ -80,6 +80,11 @@ class SetField:
                            "dpo, rm, ppo; repeat --set)")
 
 
+def is_bool(f: dataclasses.Field) -> bool:
+    """A yes/no field (--flag / --no-flag); "bool | None" is one whose None means "the default of something else"."""
+    return f.type in ("bool", bool, "bool | None")
+
+
 def check_range(cfg):
     """Every field with a declared range (metadata "range", e.g. "(0, 1]") or choices must satisfy it; floats must
     be finite. One error names the field, its value and what is allowed."""

@@ -8,7 +8,7 @@ tokenizer files (special tokens, stop ids, chat templates), read the way transfo
 
 model.py is the network alone; everything here is about files. Every stage loads through the same code:
 `plan_load` checks a checkpoint against its config.json from the safetensors headers alone, and `fill` copies each
-parameter's rows (only this rank's shard under FSDP2) straight from the files (runtime.open_model, and `load`
+parameter's rows (only this rank's shard under FSDP2) straight from the files (checkpoint.open_model, and `load`
 below for a plain single-process model).
 """
 from __future__ import annotations
@@ -389,7 +389,7 @@ def save_hf_checkpoint(sd: dict, config: dict, path, max_shard_bytes: int, extra
 def save_streamed(meta: dict, fetch, config: dict, path, max_shard_bytes: int, extra_files: dict | None = None,
                   writer: bool = True):
     """save_hf_checkpoint from HF name -> (shape, dtype) and fetch(name) -> the tensor, one tensor at a time
-    (runtime.export_hf gathers each parameter only when it is written). Called on every rank; only the writer
+    (checkpoint.export_hf gathers each parameter only when it is written). Called on every rank; only the writer
     touches the disk."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -558,7 +558,7 @@ def fill(model: Llama, sources: dict[str, Source], dtype: torch.dtype, old_rows:
 
 def load(path, device="cpu", dtype: torch.dtype | None = None, head: str | None = None) -> Llama:
     """A checkpoint as one unsharded model on `device` (tests, benchmarks, the fixture scripts): the same strict
-    plan and fill as every stage's runtime.open_model. dtype None keeps the checkpoint's. head="score" on a
+    plan and fill as every stage's checkpoint.open_model. dtype None keeps the checkpoint's. head="score" on a
     causal-LM checkpoint keeps the backbone and starts a new scalar head."""
     args, sources = plan_load(path, head)
     dtype = dtype or DTYPES[sources["tok_embeddings.weight"].dtype]

@@ -53,7 +53,8 @@ def memory_plan(models: dict, cfg, world: int, prompt_len: int) -> dict:
     models: name -> (ModelArgs, trained). Trained models (actor, critic) hold sharded fp32 parameters, fp32
     gradients and two fp32 Adam states (16 bytes a parameter / world); frozen ones (reference, DPO model, reward
     model) hold sharded parameters only, bf16 under --bf16 (2 bytes / world), none on the GPU with
-    --offload_frozen. On top: the actor's weights gathered whole for generation (in the compute dtype), the KV
+    --offload_frozen. On top: the actor's weights gathered whole for generation (in the compute dtype, when it is
+    sharded: parallel.decode_view), the KV
     cache of one generation micro-batch, and the activations and fp32 logits of one training micro-batch (an
     estimate: ~34 bytes per token and hidden unit per layer in bf16 without activation checkpointing, after
     Korthikanti et al. 2022, with SDPA storing no attention matrix; 2 per layer plus one layer's worth with it) and what
@@ -70,7 +71,7 @@ def memory_plan(models: dict, cfg, world: int, prompt_len: int) -> dict:
                       "kind": "trained: fp32 weights + grads + Adam" if trained else
                               f"frozen: {'bf16' if cfg.bf16 else 'fp32'} weights" + (" (offloaded)" if not on_gpu else "")}
     actor = models["actor"][0]
-    gathered_b = actor.num_params() * compute
+    gathered_b = actor.num_params() * compute if world > 1 or cfg.bf16 else 0  # parallel.decode_view's copy, if any
     kv = mb * T * actor.n_layers * 2 * actor.n_kv_heads * actor.head_dim * compute
     per_layer = (2 + 34) if cfg.activation_checkpointing else 34
     layers = 1 if cfg.activation_checkpointing else actor.n_layers

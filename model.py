@@ -202,17 +202,17 @@ class Attention(nn.Module):
 ATTENTION = {"masked_gqa": "native"}
 
 
-def choose_attention(device) -> str:
+def choose_attention(device, dtype=torch.bfloat16) -> str:
     """On a GPU, ask SDPA's fused kernels (flash, memory-efficient, cuDNN) whether one of them takes a masked
-    grouped-query call; if none does, SDPA would fall back to the math kernel and its fp32 (B, heads, T, T) scores,
-    so K/V are repeated instead. On CPU: native. Returns a line saying what was chosen."""
+    grouped-query call in the run's compute dtype; if none does, SDPA would fall back to the math kernel and its fp32
+    (B, heads, T, T) scores, so K/V are repeated instead. On CPU: native. Returns a line saying what was chosen."""
     if torch.device(device).type != "cuda":
         ATTENTION["masked_gqa"] = "native"
         return "attention: native grouped-query SDPA (CPU)"
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    q = torch.zeros(1, 4, 16, 64, device=device, dtype=torch.bfloat16)
-    kv = torch.zeros(1, 2, 16, 64, device=device, dtype=torch.bfloat16)
+    q = torch.zeros(1, 4, 16, 64, device=device, dtype=dtype)
+    kv = torch.zeros(1, 2, 16, 64, device=device, dtype=dtype)
     mask = torch.ones(1, 1, 16, 16, device=device, dtype=torch.bool).tril()
     fused = []
     for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
@@ -410,9 +410,9 @@ DECODE_BUCKET = 64
 # On a GPU the loop asks whether every row has ended (a host sync) once per this many tokens, not after each one;
 # on CPU a sync costs nothing and it asks every token. The tokens (and the generator's state after) are the same.
 END_CHECK_EVERY = 16
-# model -> {(batch, columns, device): (compiled step, its static cache)}: each model's compiled steps live and die with
-# it (release_compiled drops them all, and dynamo's caches, between stages)
-COMPILED_STEPS = weakref.WeakKeyDictionary()
+# the models that hold compiled decode steps (each in model.compiled_steps: {(batch, columns, device): (step, static
+# cache)}), so that release_compiled can drop them all between stages
+COMPILING = weakref.WeakSet()
 
 
 def decode_step(model: Llama, cache: KVCache):
@@ -429,7 +429,8 @@ def compiled_decode(model: Llama, batch_size: int, max_len: int, device):
     the step replays as CUDA graphs (the cache is marked static, so its in-place writes are allowed); the default mode
     elsewhere. Returns (step, cache)."""
     columns = -(-max_len // DECODE_BUCKET) * DECODE_BUCKET
-    steps = COMPILED_STEPS.setdefault(model, {})
+    steps = model.__dict__.setdefault("compiled_steps", {})  # (a plain attribute, not a submodule: no parameters)
+    COMPILING.add(model)
     key = (batch_size, columns, str(device))
     if key not in steps:
         dtype = next(model.parameters()).dtype
@@ -442,7 +443,9 @@ def compiled_decode(model: Llama, batch_size: int, max_len: int, device):
 def release_compiled():
     """Drop every compiled decode step and dynamo's caches (between stages: a new model must not inherit the old
     one's recompile budget, and the CUDA graphs' memory goes back to the pool)."""
-    COMPILED_STEPS.clear()
+    for model in list(COMPILING):
+        model.compiled_steps.clear()
+    COMPILING.clear()
     torch._dynamo.reset()
 
 
@@ -520,7 +523,7 @@ def resize_vocab(model: Llama, vocab_size: int) -> Llama:
     if vocab_size == old:
         return model
 
-    def grow(w):  # the mean in float64: the sharded loader (runtime.open_model) sums the same rows in blocks
+    def grow(w):  # the mean in float64: the sharded loader (checkpoint.open_model) sums the same rows in blocks
         return torch.cat([w, w.double().mean(0, keepdim=True).to(w.dtype).expand(vocab_size - old, -1)]).contiguous()
 
     model.args.vocab_size = vocab_size

@@ -174,7 +174,7 @@ def gae(rewards, values, mask, gamma: float, lam: float):
 # ----------------------------------------------------------------------------- critic-free estimators
 #
 # With k samples per prompt the other responses to the same prompt are a baseline that needs no critic. Rows are
-# grouped: rows [g*k, (g+1)*k) are the k responses to one prompt (train.py samples them so, on one rank). reinforce_pp needs no group.
+# grouped: rows [g*k, (g+1)*k) are the k responses to one prompt (train.py samples them so, on one rank); reinforce and reinforce++ in the table below need no group.
 
 def reward_to_go(rewards, mask, gamma: float = 1.0):
     """G_t = sum_{t' >= t} gamma^(t' - t) r_t' over each row's valid tokens. (B, T) -> (B, T), zero on padding
@@ -238,20 +238,14 @@ def rloo_token(rewards, mask, k: int, gamma: float = 1.0):
     for a response already finished there: it collects nothing more). Why it is a valid baseline: the other k - 1
     responses are sampled independently of response i, so their returns do not depend on response i's actions and
     subtracting them leaves the policy gradient unbiased (Kool et al. 2019, "Buy 4 REINFORCE samples, get a baseline
-    for free!"). At t = 0 it is exactly RLOO; later it tracks how much return is still to come at that depth.
-    With a sparse reward (the RM score on the last token only) G_{i,t} = R_i for every t, and the estimator differs
-    from RLOO only in the baseline of responses that ended earlier. (B, T) -> (B, T)."""
+    for free!"). At t = 0 it is exactly RLOO. Two things set it apart from RLOO, and they are worth different
+    amounts: the reward-to-go (a token is not credited with the rewards before it), which `reinforce` has alone,
+    and the per-position baseline; docs/results.md measures both (on the credit task most of what it gains over RLOO
+    comes from the reward-to-go). With a sparse reward (the RM score on the last token only) G_{i,t} = R_i for every
+    t, and it differs from RLOO only in the baseline of responses that ended earlier. (B, T) -> (B, T)."""
     rtg = reward_to_go(rewards, mask, gamma)
     adv = rtg - leave_one_out_mean(rtg, k)
     return torch.where(mask.bool(), adv, torch.zeros_like(adv))
-
-
-def reinforce_pp(rewards, mask, gamma: float = 1.0):
-    """REINFORCE++ (Hu 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning Large Language Models"): each
-    token's advantage is its reward-to-go G_t (the per-token KL penalty is part of the reward, as there), with no
-    critic and no group of samples; its baseline is the normalisation of the advantages over the whole global batch,
-    which train.py's whitening does (--whiten_advantages, on by default). One sample per prompt. (B, T) -> (B, T)."""
-    return reward_to_go(rewards, mask, gamma)
 
 
 # ----------------------------------------------------------------------------- the estimator table
@@ -259,20 +253,28 @@ def reinforce_pp(rewards, mask, gamma: float = 1.0):
 @dataclass(frozen=True)
 class Estimator:
     """One row of train.py's --estimator: whether it needs a critic (values of the rollout, returns to regress on),
-    whether it compares the k samples of one prompt (then --samples_per_prompt must be >= 2), and
+    whether it compares the k samples of one prompt (then --samples_per_prompt must be >= 2), whether its advantages
+    are whitened over the whole rollout by default (its source's choice; --whiten_advantages forces either way), and
     fn(rewards, mask, values, hp) -> (advantages, returns or None), all (B, T); hp holds k (samples per prompt),
     gamma, lam and grpo_eps. Adding an estimator is its function above plus one entry here."""
     critic: bool
     groups: bool
+    whiten: bool
     fn: Callable
 
 
-ESTIMATORS = {
-    "gae": Estimator(True, False, lambda r, m, v, hp: gae(r, v, m, hp["gamma"], hp["lam"])),
-    "rloo": Estimator(False, True, lambda r, m, v, hp: (rloo(r, m, hp["k"], hp["gamma"]), None)),
-    "grpo": Estimator(False, True, lambda r, m, v, hp: (grpo(r, m, hp["k"], hp["gamma"], hp["grpo_eps"]), None)),
-    "rloo-token": Estimator(False, True, lambda r, m, v, hp: (rloo_token(r, m, hp["k"], hp["gamma"]), None)),
-    "reinforce++": Estimator(False, False, lambda r, m, v, hp: (reinforce_pp(r, m, hp["gamma"]), None)),
+ESTIMATORS = {  # whiten: the reference code whitens GAE's; TRL's RLOO and GRPO, DeepSeekMath's GRPO do not re-whiten
+    "gae": Estimator(True, False, True, lambda r, m, v, hp: gae(r, v, m, hp["gamma"], hp["lam"])),
+    "rloo": Estimator(False, True, False, lambda r, m, v, hp: (rloo(r, m, hp["k"], hp["gamma"]), None)),
+    "grpo": Estimator(False, True, False, lambda r, m, v, hp: (grpo(r, m, hp["k"], hp["gamma"], hp["grpo_eps"]),
+                                                               None)),
+    "rloo-token": Estimator(False, True, False, lambda r, m, v, hp: (rloo_token(r, m, hp["k"], hp["gamma"]), None)),
+    # REINFORCE with reward-to-go: each token's return still to come, no baseline at all (the control that tells what
+    # rloo-token's per-position baseline adds beyond the reward-to-go itself)
+    "reinforce": Estimator(False, False, False, lambda r, m, v, hp: (reward_to_go(r, m, hp["gamma"]), None)),
+    # REINFORCE++ (Hu 2025): the same reward-to-go, one sample per prompt, whitened over the global batch, which is
+    # its baseline (the per-token KL penalty is part of the reward, as there)
+    "reinforce++": Estimator(False, False, True, lambda r, m, v, hp: (reward_to_go(r, m, hp["gamma"]), None)),
 }
 
 

@@ -8,7 +8,6 @@ the repair of an export a kill interrupted. A run that fails before its first st
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -21,14 +20,14 @@ from tqdm import tqdm
 
 import hf
 from checkpoint import latest_checkpoint, sha256
-from checks import UserError, check_regular
+from checks import UserError, check_regular, checkpoint_digest, file_digest
 from config import check_range, config_json
 from parallel import D, barrier, print0
 
 
 LOCK = "run.lock"
 # this process's locks, the directories it created, and each run directory's config, written at its first step
-RUN = {"locks": [], "created": [], "config": {}}
+RUN = {"locks": [], "created": [], "config": {}, "inputs": {}}
 
 
 def take_lock(run_dir: Path):
@@ -163,10 +162,10 @@ def release_locks(ok: bool):
             d.rmdir()  # only if empty
         except OSError:
             pass
-    RUN.update(locks=[], created=[], config={})
+    RUN.update(locks=[], created=[], config={}, inputs={})
 
 
-CHECKPOINT_INPUTS = ("model", "policy", "dpo", "rm", "critic", "tokenizer")  # config fields naming input checkpoints
+CHECKPOINT_INPUTS = ("model", "policy", "init", "dpo", "rm", "critic", "tokenizer")  # fields naming input checkpoints
 
 
 def take_dir(run_dir: Path):
@@ -216,6 +215,7 @@ def start_run(cfg) -> Path:
                         f"ends, or pick another --out")
     if D.main:
         RUN["config"][run_dir] = config_json(cfg)
+        RUN["inputs"][run_dir] = inputs_record(cfg)  # the inputs as this run reads them, for its export's INPUTS
     print0(f"== {type(cfg).__name__} ({D.world} process{'es' if D.world > 1 else ''}, {D.device})\n"
            + config_json(cfg))
     barrier()
@@ -335,6 +335,15 @@ def promote_records(run_dir: Path):
 RESUME_MAY_CHANGE = ("resume", "out", "max_steps", "save_every", "progress", "overwrite")
 
 
+def changed_fields(saved: dict, cfg, ignore) -> list[str]:
+    """The fields of cfg that differ from a saved config, but for `ignore`. A field the saved run did not have yet (a
+    fork's new hyper-parameter) counts as equal at its default value."""
+    defaults = json.loads(config_json(type(cfg)()))
+    now = json.loads(config_json(cfg))
+    saved = {**{k: defaults[k] for k in now if k not in saved and k in defaults}, **saved}
+    return sorted(k for k in set(saved) | set(now) if k not in ignore and saved.get(k) != now.get(k))
+
+
 def check_resume_config(cfg, ckpt: Path):
     """Refuse --resume when a field that changes the run's meaning differs from the checkpoint's train_config.json."""
     try:
@@ -345,8 +354,8 @@ def check_resume_config(cfg, ckpt: Path):
     except (OSError, ValueError, RecursionError) as e:
         raise UserError(f"{ckpt / 'train_config.json'}: {e.__class__.__name__}: {e}; the checkpoint to resume is "
                         f"damaged") from None
+    changed = changed_fields(saved, cfg, RESUME_MAY_CHANGE)
     now = json.loads(config_json(cfg))
-    changed = sorted(k for k in set(saved) | set(now) if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k))
     if changed:
         diff = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
         raise UserError(f"--resume: {ckpt} was written with other settings ({diff}). These change what the run "
@@ -359,27 +368,9 @@ def check_resume_config(cfg, ckpt: Path):
 
 INPUTS = "inputs.json"  # in every export: sha256 of the data files and the checkpoints the stage started from
 DATA_FIELDS = ("data", "eval_data", "prompts")  # config fields naming data files
-_DIGESTS: dict = {}  # (path, size, mtime_ns) -> sha256, for this process: a file hashed once
-
-
-def file_digest(path: Path) -> str:
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _DIGESTS:
-        check_regular(path, "an input of this run")
-        _DIGESTS[key] = sha256(path)
-    return _DIGESTS[key]
-
-
-def checkpoint_digest(d: Path) -> str:
-    """A checkpoint's identity: its config.json, tokenizer files and weights. An export of this project lists its
-    weights' digests in hf.CHECKSUMS (verified against the files whenever --reuse keeps it); any other checkpoint's
-    weight files are hashed."""
-    files = sorted(p for p in d.iterdir() if p.name in ("config.json", "tokenizer.json", "tokenizer_config.json",
-                                                         "chat_template.jinja", hf.CHECKSUMS))
-    if not (d / hf.CHECKSUMS).is_file():
-        files += sorted(d.glob("*.safetensors"))
-    return hashlib.sha256("".join(f"{p.name}:{file_digest(p)}\n" for p in files).encode()).hexdigest()
+def recorded_inputs(run_dir: Path) -> str:
+    """INPUTS of the run in run_dir, as start_run found them (rank 0; other ranks write no export)."""
+    return RUN["inputs"].get(run_dir, "")
 
 
 def inputs_record(cfg) -> str:

@@ -37,6 +37,7 @@ import pipeline
 import rto
 import train
 from checkpoint import open_model
+from cli import add_fields
 from data import read_prompts, seed_for
 from hf import Tokenizer
 from parallel import D, init_dist, print0
@@ -197,7 +198,7 @@ def run_seed(cfg: SweepConfig, seed: int) -> dict:
         results[name] = {"name": name, "gold": float(base[name]["gold"].mean()), "kl": float(base[name]["kl"].mean()),
                          "len": float(base[name]["len"].mean()), "eos": float(base[name]["eos"].mean()),
                          "win_vs_sft": float(((diff > 0) + 0.5 * (diff == 0)).mean())}
-    for name in results:  # AlpacaEval 2's length-controlled win rate against SFT, the gold reward as the judge
+    for name in results:  # the LC win rate of AlpacaEval 2's minimal GLM against SFT, the gold reward as the judge
         ev = base.get(name) or judge(None, name)
         results[name]["lc_win_vs_sft"] = pipeline.length_controlled_win_rate(ev["gold"] - base["sft"]["gold"],
                                                                           ev["len"] - base["sft"]["len"])
@@ -246,7 +247,7 @@ def table(cfg: SweepConfig, per_seed: list[dict]) -> str:
     names = ["sft", "dpo", *filter(None, cfg.offline.split(","))] + [v["name"] for v in variants(cfg)]
     lines = [f"Task `{cfg.task}`, {len(per_seed)} seeds, {cfg.ppo_steps} rollouts of {cfg.batch_size} prompts at the "
              f"full budget; mean and 95% interval over seeds.", "",
-             "| policy | prompt budget | gold reward | win rate vs SFT | LC win rate vs SFT | KL to SFT | length | "
+             "| policy | prompt budget | gold reward | win rate vs SFT | LC win rate vs SFT (minimal GLM) | KL to SFT | length | "
              "EOS rate | s/iteration: generate / score / update |", "|---|---|---|---|---|---|---|---|---|"]
     for name in names:
         rs = [s[name] for s in per_seed]
@@ -348,11 +349,7 @@ def plots(cfg: SweepConfig, per_seed: list[dict]) -> list[str]:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(SweepConfig):
-        if f.type in ("bool", bool):
-            ap.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            ap.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+    add_fields(ap, SweepConfig)
     cfg = SweepConfig(**vars(ap.parse_args(argv)))
     check_sweep(cfg)
     init_dist(cfg.device)

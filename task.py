@@ -169,7 +169,7 @@ class WordTask:
 
 
 def load_task(spec: str, seed: int = 0) -> WordTask:
-    """A built-in task by name (data.TASKS, with the seed of its table) or from a task.json (WordTask.spec(), as
+    """A built-in task by name (TASKS, with the seed of its table) or from a task.json (WordTask.spec(), as
     `train.py all` writes it under <out>/data: the seed and any overrides included)."""
     if spec in TASKS:
         return WordTask(seed=seed, **TASKS[spec])

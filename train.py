@@ -35,8 +35,8 @@ import ppo as ppo_math
 import reward as rm_math
 import rto
 from checkpoint import export_hf, latest_checkpoint, load_checkpoint, open_model, open_tokenizer, save_checkpoint
-from checks import (UserError, check_batch, check_finite, check_ppo_checkpoints, check_slot, ppo_fields_read,
-                    rm_score_stats, warn_unread)
+from checks import (UserError, check_batch, check_finite, check_loss_fields, check_ppo_checkpoints, check_slot,
+                    ppo_fields_read, rm_score_stats, warn_unread)
 from config import (COUNT, NONNEG, POS, UNIT, Bf16Field, DeviceField, RunDirFields, SamplingFields, SeedField,
                     TaskFields, check_range, option)
 from data import (batch_indices, check_context, check_pairs, chunks, collate, encode_examples, global_batch, pad_left,
@@ -45,7 +45,7 @@ from hf import Tokenizer
 from memory import checkpoint_plan, measured_memory, plan_text, reference_cost
 from model import Llama, generate, release_compiled
 from parallel import D, all_max, all_sum, decode_view, print0, progress, reduce_metrics, to_device
-from rundir import INPUTS, Logger, inputs_record, promote_records, start_run, write_json
+from rundir import INPUTS, Logger, promote_records, recorded_inputs, start_run, write_json
 from task import load_task
 
 
@@ -70,7 +70,7 @@ class Config(SeedField, DeviceField, Bf16Field, RunDirFields):
     micro_batch_size: int = option(8, "examples per forward pass on one rank (accumulated up to the batch)", COUNT)
     epochs: int = option(1, "passes over the data", COUNT)
     max_steps: int = option(0, "stop after this many optimizer steps (0: run the epochs)", NONNEG)
-    max_prompt_len: int = option(256, "prompt tokens kept (the END of a longer prompt, so the generation cue survives)",
+    max_prompt_len: int = option(256, "prompt tokens kept (a longer prompt loses the middle of its longest message)",
                                  "[2, inf)")
     max_response_len: int = option(256, "response tokens kept (the START of a longer response; a cut one has no EOS)",
                                    COUNT)
@@ -144,8 +144,8 @@ class PPOConfig(Config, SamplingFields, TaskFields):
                                    f"paper's, has a critic)", choices=tuple(ppo_math.ESTIMATORS))
     samples_per_prompt: int = option(1, "responses sampled per prompt in a rollout (k; the group estimators need "
                                         ">= 2); rollout_batch_size and batch_size count responses", COUNT)
-    whiten_advantages: bool = option(True, "whiten advantages over the whole rollout, all ranks (reference code, "
-                                           "for GAE's); applies to every estimator")
+    whiten_advantages: bool | None = option(None, "whiten advantages over the whole rollout, all ranks (default: the "
+                                                  "estimator's own choice, ppo.ESTIMATORS: gae and reinforce++ yes)")
     grpo_eps: float = option(1e-4, "grpo: added to the group's std before dividing (TRL's 1e-4)", POS)
     kl_anchor: str = option("sft", "the model the KL penalty keeps pi near: sft (reference code; pi_ref) | dpo "
                                    "(needs --dpo)", choices=("sft", "dpo"))
@@ -223,7 +223,7 @@ def export(model, tok: Tokenizer, run_dir, cfg):
     made it, and whether that leaves an implicit reward); then the run's records are its own."""
     loss = getattr(cfg, "loss_type", None)
     model.args.loss_type, model.args.implicit_reward = loss, dpo_math.LOSSES[loss].token_reward if loss else None
-    export_hf(model, tok, run_dir / "final", cfg, {INPUTS: inputs_record(cfg)})  # (what --reuse checks)
+    export_hf(model, tok, run_dir / "final", cfg, {INPUTS: recorded_inputs(run_dir)})  # (what --reuse checks)
     promote_records(run_dir)
     return run_dir / "final"
 
@@ -338,8 +338,7 @@ def run_dpo(cfg: DPOConfig):
     check_slot(cfg.model, "model", "lm")
     tok, pairs, eval_pairs = load_pairs(cfg)
     needs = dpo_math.LOSSES[cfg.loss_type]
-    warn_unread(cfg, {f: f in needs.reads for loss in dpo_math.LOSSES.values() for f in loss.reads},
-                f"--loss_type {cfg.loss_type}")
+    check_loss_fields(cfg)
     model = open_model(cfg.model, "lm", cfg, tok)
     # The reference is the starting (SFT) model itself: its log-probs are computed once, before the first step, so no
     # frozen copy has to stay in memory (a resumed run's --model is still the SFT checkpoint). TDPO also needs the
@@ -587,10 +586,11 @@ def token_rewards(cfg: PPOConfig, buf: dict, score_norm: tuple[float, float], de
 def advantages(cfg: PPOConfig, rewards, mask, values=None):
     """3. The advantage estimator (ppo.ESTIMATORS): (advantages, returns), returns None without a critic. GAE is the
     paper's; the group ones compare the samples_per_prompt responses to each prompt (rows grouped by the loop).
-    Whitened over the whole rollout on all ranks, as the reference code whitens GAE's."""
+    Whitened over the whole rollout on all ranks where the estimator's source does (the reference code for GAE's)."""
+    est = ppo_math.ESTIMATORS[cfg.estimator]
     hp = {"k": cfg.samples_per_prompt, "gamma": cfg.gamma, "lam": cfg.lam, "grpo_eps": cfg.grpo_eps}
-    adv, returns = ppo_math.ESTIMATORS[cfg.estimator].fn(rewards, mask, values, hp)
-    if cfg.whiten_advantages:
+    adv, returns = est.fn(rewards, mask, values, hp)
+    if est.whiten if cfg.whiten_advantages is None else cfg.whiten_advantages:
         adv = ppo_math.masked_whiten(adv, mask)
     return adv, returns
 
@@ -732,8 +732,7 @@ def run_ppo(cfg: PPOConfig):
 
 def commands() -> dict:
     """Every command: name -> (its config class, the function that runs it)."""
-    import explain
-    import pipeline  # `all` and the inspection commands build on the loops above
+    import explain, pipeline  # noqa: E401 (`all`, `sample` and `explain` build on the loops above)
 
     return {"all": (pipeline.PipelineConfig, pipeline.run_all), "sft": (SFTConfig, run_sft),
             "dpo": (DPOConfig, run_dpo), "rm": (RMConfig, run_rm), "ppo": (PPOConfig, run_ppo),

@@ -679,39 +679,53 @@ def gathered(m):  # the path decode_view replaced: generate on the FSDP model, e
 
 
 out = {{}}
-for bf16 in (False, True):
-    m = checkpoint.open_model({ckpt!r}, "lm", train.PPOConfig(bf16=bf16), frozen=True)
-    ids = torch.randint(3, m.args.vocab_size, (3, 7), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0
-    kw = dict(stop_ids=[1, 2], pad_id=0, temperature=1.0)
-    with gathered(m):
-        before = calls[0]
-        old = model.generate(m, ids, mask, 12, generator=torch.Generator().manual_seed(5), **kw)
-        old_calls = calls[0] - before
-    copy = parallel.decode_view(m)
-    before = calls[0]
-    new = model.generate(copy, ids, mask, 12, generator=torch.Generator().manual_seed(5), **kw)
-    out[str(bf16)] = {{"same": bool(torch.equal(old[0], new[0]) and torch.equal(old[1], new[1])),
-                      "tokens": int(new[1].sum()), "old_unshards": old_calls, "new_unshards": calls[0] - before,
-                      "steps": int(new[0].shape[1]), "dtype": str(next(copy.parameters()).dtype)}}
+for fixture in ("llama_gqa", "llama_tied"):
+    for bf16 in (False, True):
+        m = checkpoint.open_model({fixtures!r} + "/" + fixture, "lm", train.PPOConfig(bf16=bf16), frozen=True)
+        ids = torch.randint(3, m.args.vocab_size, (3, 7), generator=torch.Generator().manual_seed(1))
+        mask = torch.ones_like(ids)
+        mask[1, :2] = 0
+        kw = dict(stop_ids=[1, 2], pad_id=0, temperature=1.0)
+        for round in (0, 1):  # the second after the shards changed in place, as after an optimizer step
+            if round:
+                with torch.no_grad():
+                    for p in m.parameters():
+                        p.to_local().mul_(1.5)
+            with gathered(m):
+                before = calls[0]
+                old = model.generate(m, ids, mask, 12, generator=torch.Generator().manual_seed(5), **kw)
+                old_calls = calls[0] - before
+            copy = parallel.decode_view(m)
+            before = calls[0]
+            new = model.generate(copy, ids, mask, 12, generator=torch.Generator().manual_seed(5), **kw)
+            out[f"{{fixture}} bf16={{bf16}} round {{round}}"] = {{
+                "same": bool(torch.equal(old[0], new[0]) and torch.equal(old[1], new[1])),
+                "tokens": int(new[1].sum()), "old_unshards": old_calls, "new_unshards": calls[0] - before,
+                "steps": int(new[0].shape[1]), "dtype": str(next(copy.parameters()).dtype), "bf16": bf16,
+                "tied": copy.output.weight is copy.tok_embeddings.weight}}
 json.dump(out, open({out!r} + f".{{parallel.D.rank}}.json", "w"))
 parallel.close_dist(True)
 '''
 
 
 def test_decode_view_same_tokens_no_fsdp_hooks_per_token(tmp_path):
-    """Under 2-process gloo, fp32 and bf16 (FSDP's mixed precision): sampling on parallel.decode_view's plain copy
-    gives the tokens of the path it replaced (generate on the FSDP model, every unit unsharded for the loop), and runs
-    no FSDP unshard at all while decoding, where the old path ran one per unit per token."""
+    """Under 2-process gloo, fp32 and bf16 (FSDP's mixed precision), untied and tied embeddings, before and after the
+    shards change in place: sampling on parallel.decode_view's plain copy gives the tokens of the path it replaced
+    (generate on the FSDP model, every unit unsharded for the loop), and runs no FSDP unshard at all while decoding,
+    where the old path ran one per unit per token."""
     script = tmp_path / "decode_view.py"
-    script.write_text(DECODE_VIEW.format(root=str(ROOT), ckpt=str(ROOT / "tests" / "fixtures" / "llama_gqa"),
+    script.write_text(DECODE_VIEW.format(root=str(ROOT), fixtures=str(ROOT / "tests" / "fixtures"),
                                          out=str(tmp_path / "res")))
     run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
          str(script)], tmp_path / "decode_view.log")
     for rank in (0, 1):
         res = json.loads((tmp_path / f"res.{rank}.json").read_text())
-        for bf16, r in res.items():
-            assert r["same"] and r["tokens"] > 3, (rank, bf16, r)
-            assert r["new_unshards"] == 0 and r["old_unshards"] >= r["steps"], (rank, bf16, r)
-            assert r["dtype"] == ("torch.bfloat16" if bf16 == "True" else "torch.float32")
+        assert len(res) == 8
+        for case, r in res.items():
+            assert r["same"] and r["tokens"] > 3, (rank, case, r)
+            assert r["new_unshards"] == 0 and r["old_unshards"] >= r["steps"], (rank, case, r)
+            assert r["dtype"] == ("torch.bfloat16" if r["bf16"] else "torch.float32")
+            assert r["tied"] == case.startswith("llama_tied")
+        # the refreshed copy follows the changed shards: round 1 samples other tokens than round 0
+        assert res["llama_gqa bf16=False round 0"]["tokens"] != res["llama_gqa bf16=False round 1"]["tokens"] or \
+            res["llama_tied bf16=False round 0"]["tokens"] != res["llama_tied bf16=False round 1"]["tokens"]

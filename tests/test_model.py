@@ -335,7 +335,6 @@ def test_compiled_decode_equals_eager():
     """The static-cache decode step compiled with torch.compile (CPU: inductor's default mode): the same greedy tokens
     as the eager path, the same samples under the same generator (sampling runs outside the compiled step on the
     same fp32 logits), and one compilation for every call of the same rollout shape."""
-    import model as model_module
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
@@ -354,7 +353,7 @@ def test_compiled_decode_equals_eager():
                          **kw)
     assert torch.equal(sampled[0], sampled_c[0])
     assert counters["frames"]["ok"] == frames  # the second rollout of this shape compiled nothing new
-    assert len(model_module.COMPILED_STEPS[m]) == 1
+    assert len(m.compiled_steps) == 1
 
 
 def test_compiled_decode_step_keeps_cuda_graphs_and_one_compilation_per_bucket():
@@ -383,9 +382,9 @@ def test_compiled_decode_step_keeps_cuda_graphs_and_one_compilation_per_bucket()
         assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
         frames = counters["frames"]["ok"] if frames is None else frames
         assert counters["frames"]["ok"] == frames, f"width {width} recompiled"
-    assert list(model_module.COMPILED_STEPS[m]) == [(3, 64, "cpu")]
+    assert list(m.compiled_steps) == [(3, 64, "cpu")]
     model_module.release_compiled()
-    assert m not in model_module.COMPILED_STEPS
+    assert m.compiled_steps == {}
 
 
 def test_end_check_every_n_tokens_gives_the_same_tokens_and_generator_state():

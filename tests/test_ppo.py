@@ -324,6 +324,7 @@ NAIVE = {
     "grpo": lambda r, v, L, g, lam, group: naive_group(r, v, L, g, lam, group, "grpo"),
     "rloo-token": lambda r, v, L, g, lam, group: [
         naive_rtg(r, L, g)[t] - sum(naive_rtg(rr, LL, g)[t] for rr, LL in group) / len(group) for t in range(L)],
+    "reinforce": lambda r, v, L, g, lam, group: naive_rtg(r, L, g)[:L],  # no baseline at all
     "reinforce++": lambda r, v, L, g, lam, group: naive_rtg(r, L, g)[:L],  # its baseline is the batch whitening
 }
 

@@ -953,8 +953,8 @@ def test_fp16_export_beyond_its_range_is_refused(ws):
 
 
 def test_long_prompts_are_counted_and_cut_inside_the_message(ws, capsys):
-    """A prompt longer than max_prompt_len: the run says how many were cut and by how much, and the cut is inside the
-    user's message (the template's header and the system turn kept)."""
+    """A prompt longer than max_prompt_len: the run says how many were cut and by how much (that the cut is inside
+    the user's message, the template's header and the system turn kept, tests/test_data.py checks)."""
     rows = [{"messages": [{"role": "system", "content": "Answer briefly."},
                           {"role": "user", "content": " ".join(f"w{i}" for i in range(80))},
                           {"role": "assistant", "content": "ok"}]}] + [{"prompt": "hi", "response": "hello"}] * 3
@@ -982,3 +982,35 @@ def test_sweep_checks_its_arguments_first_and_clears_stale_locks(tmp_path):
     dead.wait()
     (stage / "run.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "start": "0"}))
     assert sweep.finished(stage, "final/config.json") and not (stage / "run.lock").exists()
+
+
+def test_what_the_checks_must_not_refuse(ws, capsys):
+    """The other side of the checks: inputs that are links (a Hugging Face cache snapshot is all links) are read
+    through them; a tokenizer.json written with the older "a b" string merges is the same tokenizer as its
+    ["a", "b"] rewrite; an SFT model moved elsewhere is still the one the DPO run started from (by content); a
+    tri-state field takes "none" through --set and refuses what is no yes or no."""
+    import cli
+
+    snap = ws / "cases" / "snapshot"  # every file a link, as in ~/.cache/huggingface/hub/.../snapshots/<rev>
+    snap.mkdir(parents=True)
+    for f in (ws / "base").iterdir():
+        (snap / f.name).symlink_to(f)
+    data = ws / "cases" / "sft_link.jsonl"
+    data.symlink_to(ws / "sft.jsonl")
+    train.main(["sft", "--model", str(snap), "--data", str(data), "--out", str(ws / "cases" / "o_snap"),
+                "--max_steps", "1", *SMALL])
+    assert (ws / "cases" / "o_snap" / "final" / "inputs.json").is_file()
+    old = copy_ckpt(ws, ws / "dpo" / "final", "dpo_string_merges")
+    tk = json.loads((old / "tokenizer.json").read_text())
+    tk["model"]["merges"] = [" ".join(m) for m in tk["model"]["merges"]]
+    (old / "tokenizer.json").write_text(json.dumps(tk))
+    moved = ws / "cases" / "moved" / "sft_final"
+    shutil.copytree(ws / "sft" / "final", moved)
+    args = ppo_args(ws, ws / "cases" / "o_same", dpo=old, rm=ws / "rm" / "final", *["--max_steps", "1"])
+    args[args.index("--policy") + 1] = str(moved)
+    train.main(args)  # neither "another tokenizer" nor "was trained from ... but --policy is ..."
+    assert (ws / "cases" / "o_same" / "final").is_dir()
+    assert cli.parse_sets(["ppo.whiten_advantages=none"], {"ppo": train.PPOConfig}) == {
+        "ppo": {"whiten_advantages": None}}
+    with pytest.raises(ValueError, match=r"--set 'ppo.whiten_advantages=maybe': 'maybe' is not a valid bool"):
+        cli.parse_sets(["ppo.whiten_advantages=maybe"], {"ppo": train.PPOConfig})

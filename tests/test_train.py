@@ -307,7 +307,7 @@ def test_offline_methods_in_the_pipeline(tmp_path):
         assert saved["loss_type"] == loss and (out / name / "eval.json").is_file()
         assert math.isfinite(metrics(out / name)[-1]["loss"])
     assert json.loads((out / "simpo" / "final" / "train_config.json").read_text())["beta"] == 2.0
-    assert "LC win rate vs SFT (gold)" in (out / "results.md").read_text()
+    assert "LC win rate vs SFT (gold, minimal GLM)" in (out / "results.md").read_text()
     assert all(0 <= s["lc_win_vs_sft"] <= 1 for s in summary.values())
     bad = ppo_args(out, tmp_path / "x")
     bad[bad.index("--dpo") + 1] = str(out / "simpo" / "final")
@@ -335,10 +335,12 @@ def test_entropy_bonus_trains_the_entropy(pipeline, tmp_path):
     assert all(r["first_logp_dev"] == 0.0 for r in bonus)
 
 
-def test_reinforce_pp_needs_no_critic_and_no_group(pipeline, tmp_path):
-    """REINFORCE++: one sample per prompt, no critic opened or saved, exactly on-policy on the first minibatch."""
+@pytest.mark.parametrize("estimator", ["reinforce", "reinforce++"])
+def test_reinforce_needs_no_critic_and_no_group(pipeline, tmp_path, estimator):
+    """REINFORCE and REINFORCE++: one sample per prompt, no critic opened or saved, exactly on-policy on the first
+    minibatch."""
     out, _ = pipeline
-    train.main(ppo_args(out, tmp_path / "r", "--estimator", "reinforce++", "--max_steps", "2",
+    train.main(ppo_args(out, tmp_path / "r", "--estimator", estimator, "--max_steps", "2",
                         "--rollout_batch_size", "32", "--batch_size", "16", "--micro_batch_size", "8"))
     rows = metrics(tmp_path / "r")
     assert [r["first_logp_dev"] for r in rows] == [0.0, 0.0]
@@ -364,3 +366,30 @@ def test_ppo_from_the_dpo_model(pipeline, tmp_path):
         train.main(ppo_bad)
     train.main(bad + ["--allow_ref_mismatch"])
     assert metrics(tmp_path / "bad")[0]["dpo_reward"] == 0.0  # what the error was about
+
+
+def test_advantage_whitening_follows_each_estimators_source():
+    """Whitened over the rollout by default where the estimator's source whitens (the reference code's GAE,
+    REINFORCE++), not re-whitened where it does not (RLOO and GRPO as TRL and DeepSeekMath compute them, rloo-token,
+    plain REINFORCE); --whiten_advantages forces either way. Checked against the estimator's own output and a
+    whitening written out here."""
+    import ppo
+
+    g = torch.Generator().manual_seed(0)
+    rewards, values = torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g)
+    mask = torch.tensor([[t < n for t in range(5)] for n in (5, 2, 4, 1, 3, 5, 4, 2)])
+
+    def whitened(x):
+        v = x[mask].double()
+        return ((x.double() - v.mean()) / (v.var(unbiased=False) + 1e-8).sqrt()).float() * mask
+
+    expected = {"gae": True, "reinforce++": True, "rloo": False, "grpo": False, "rloo-token": False, "reinforce": False}
+    assert {k: e.whiten for k, e in ppo.ESTIMATORS.items()} == expected
+    for name, whiten in expected.items():
+        for force in (None, not whiten):
+            cfg = train.PPOConfig(estimator=name, samples_per_prompt=4, whiten_advantages=force)
+            raw, _ = ppo.ESTIMATORS[name].fn(rewards, mask, values, {"k": 4, "gamma": 1.0, "lam": 0.95,
+                                                                     "grpo_eps": 1e-4})
+            adv, _ = train.advantages(cfg, rewards, mask, values)
+            want = whitened(raw) if (whiten if force is None else force) else raw
+            torch.testing.assert_close(adv, want, atol=1e-5, rtol=0, msg=f"{name} whiten_advantages={force}")
