@@ -3,7 +3,7 @@
     python bench.py                         # bench12m preset (~12M params), fp32, CPU
     python bench.py --preset tiny --device cuda --dtype bfloat16
     python bench.py --decode_batches 1,16 --no_reference   # eager against compiled decode (--compile_decode)
-    python3 bench.py gpu --results OUT --work /tmp/scratch  # every GPU measurement, section by section (docs/gpu.md)
+    python3 bench.py gpu --results OUT --work runs/bench_gpu  # every GPU measurement, section by section (docs/gpu.md)
     python bench.py gpu --tiny --device cpu --results R --work W   # the same command proven on CPU
     python bench.py data --pairs 60000                       # reading and encoding preference data at scale
 
